@@ -1,0 +1,1 @@
+"""The pipeline runtime: loading, partition, transport, stages, schedule, coordinator."""

@@ -1,0 +1,29 @@
+"""The architectures, by Hugging Face `model_type`: one literal table, imported lazily.
+
+Adding an architecture means one row here and one case in tests/test_models.py.
+"""
+
+import importlib
+
+# model_type -> module under models/. Aliases map other model_type spellings.
+MODEL_TYPES = {
+    "glm": "glm",
+    "glm4_moe": "glm4_moe",
+    "openelm": "openelm",
+    "lille-130m": "lille_130m",
+    "llama4": "llama4",
+}
+
+
+class UnknownModelType(ValueError):
+    """A config names a `model_type` no module here implements."""
+
+
+def get_module(model_type: str):
+    """The module implementing `model_type` (exports ModelArgs, Model, PRESETS)."""
+    name = MODEL_TYPES.get(model_type)
+    if name is None:
+        raise UnknownModelType(
+            f"unknown model_type {model_type!r}; known model types: {', '.join(sorted(MODEL_TYPES))}"
+        )
+    return importlib.import_module(f"{__name__}.{name}")
