@@ -5,6 +5,8 @@ Adding an architecture means one row here and one case in tests/test_models.py.
 
 import importlib
 
+from .base import ConfigError  # noqa: F401  (re-exported for loaders)
+
 # model_type -> module under models/. Aliases map other model_type spellings.
 MODEL_TYPES = {
     "glm": "glm",

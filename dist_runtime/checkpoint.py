@@ -1,0 +1,245 @@
+"""Finding and reading checkpoints: config, safetensors shards, quantization, layouts.
+
+A stage reads only what it owns: the index (`model.safetensors.index.json`) says which
+file holds each tensor, so a rank opens only the shards with its layers (and, from the
+Hub, downloads only those). Tensors are read lazily by `mx.load`, so a shard shared with
+another stage costs only the bytes of this stage's tensors. Every failure names the file
+and, where it helps, the tensor and both shapes.
+
+Knows nothing of ranks: callers pass a layer range.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from models import ConfigError, get_module
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", GENERATION_CONFIG_FILE]
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Prefixes of towers that text generation never reads (Llama-4's vision encoder).
+UNUSED_PREFIXES = ("vision_model.", "multi_modal_projector.", "vision_tower.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: the message names the file and the fix."""
+
+
+def load_config(path: Path) -> dict:
+    """Read `config.json` of a checkpoint folder, with errors that name the problem."""
+    cfg_path = Path(path) / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} not found: a checkpoint folder needs the model's "
+                              f"config.json next to its *.safetensors files")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or fix it")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path} holds a {type(config).__name__}, not a JSON object")
+    if "model_type" not in config:
+        raise CheckpointError(f"{cfg_path} has no 'model_type' field, so the architecture "
+                              f"is unknown; add e.g. \"model_type\": \"glm4_moe\"")
+    gen_path = Path(path) / GENERATION_CONFIG_FILE
+    if gen_path.is_file():
+        try:
+            config["_generation_config"] = json.loads(gen_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{gen_path} is not valid JSON ({e})")
+    return config
+
+
+def layer_index(name: str) -> Optional[int]:
+    """Global layer number in a tensor name (`model.layers.12.mlp...` -> 12), else None."""
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def wanted(name: str, layers: range, non_layer: bool) -> bool:
+    """Whether a stage owning `layers` (and non-layer tensors if non_layer) reads `name`."""
+    if name.startswith(UNUSED_PREFIXES):
+        return False
+    idx = layer_index(name)
+    return (idx in layers) if idx is not None else non_layer
+
+
+def weight_map(path: Path) -> dict:
+    """tensor name -> file name, from the index, or from the one file's header."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            return json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is malformed ({e!r}); it needs a 'weight_map' object")
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path}")
+    return {name: f for f in files for name in safetensors_header(path / f)}
+
+
+def safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file, after checking the file is whole."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{file} is truncated ({size} bytes): not a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise CheckpointError(f"{file} is truncated: its header alone needs {8 + n} bytes, "
+                                  f"the file has {size}; re-download it")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file} has a corrupt header ({e}); re-download it")
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{file} is truncated: its tensors need {8 + n + end} bytes, "
+                              f"the file has {size}; re-download it")
+    return header
+
+
+@dataclass
+class Loaded:
+    """A built (possibly partial) model and what it took to load it."""
+
+    model: nn.Module
+    config: dict
+    args: object
+    path: Optional[Path] = None
+    files_read: list = field(default_factory=list)
+    bytes_loaded: int = 0
+
+
+def build_model(config: dict, layers: Optional[range] = None, has_embed: bool = True,
+                has_head: bool = True):
+    """(model, args) for `config`, pruned to a stage. Weights are still the random init."""
+    module = get_module(config["model_type"])
+    try:
+        args = module.ModelArgs.from_dict(config)
+    except TypeError as e:
+        raise ConfigError(f"config.json does not fit model_type {config['model_type']!r}: {e}")
+    model = module.Model(args)
+    n = len(model.layers)
+    layers = range(n) if layers is None else layers
+    model.pipeline(layers.start, layers.stop, has_embed, has_head)
+    return model, args
+
+
+def quantize_like(model: nn.Module, config: dict, weights: dict):
+    """Turn into quantized layers exactly the modules the checkpoint stores packed.
+
+    `quantization` in config.json gives the default bits/group size and per-module
+    overrides (a dict, or false for a module left in full precision); a module is
+    quantized when its `.scales` tensor is present, which is what mlx wrote.
+    """
+    q = config.get("quantization") or config.get("quantization_config")
+    if not q:
+        return
+    defaults = {"group_size": q.get("group_size", 64), "bits": q.get("bits", 4),
+                "mode": q.get("mode", "affine")}
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        override = q.get(path)
+        if isinstance(override, dict):
+            return {**defaults, **override}
+        return override is not False and defaults
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def read_weights(path: Path, names: list, progress: Optional[Callable] = None):
+    """Read `names` from the shards that hold them: (weights, files, bytes)."""
+    wmap = weight_map(path)
+    by_file: dict = {}
+    for name in names:
+        by_file.setdefault(wmap[name], []).append(name)
+    weights, total = {}, 0
+    for i, (fname, fnames) in enumerate(sorted(by_file.items()), 1):
+        file = Path(path) / fname
+        if not file.is_file():
+            raise CheckpointError(f"{file} is listed in {INDEX_FILE} but missing; download it")
+        safetensors_header(file)
+        try:
+            tensors = mx.load(str(file))
+        except Exception as e:  # mlx reports a bad file as a bare RuntimeError
+            raise CheckpointError(f"cannot read {file}: {e}; re-download it")
+        for name in fnames:
+            if name not in tensors:
+                raise CheckpointError(f"tensor {name} is missing from {file}, where "
+                                      f"{INDEX_FILE} says it is")
+            weights[name] = tensors[name]
+            total += tensors[name].nbytes
+        if progress:
+            progress(i, len(by_file), fname, total)
+    return weights, sorted(by_file), total
+
+
+def load_model(path: Path, layers: Optional[range] = None, has_embed: bool = True,
+               has_head: bool = True, progress: Optional[Callable] = None) -> Loaded:
+    """Build the stage owning `layers` and load its tensors, checking names and shapes."""
+    path = Path(path)
+    config = load_config(path)
+    model, args = build_model(config, layers, has_embed, has_head)
+    owned = range(*model.layer_range)
+    wmap = weight_map(path)
+    names = [n for n in wmap if wanted(n, owned, has_embed or has_head)]
+    weights, files, nbytes = read_weights(path, names, progress)
+    weights = model.sanitize(weights)
+    quantize_like(model, config, weights)
+    expected = dict(tree_flatten(model.parameters()))
+    # Non-layer tensors the stage does not hold (the head on a first-only stage...).
+    weights = {k: v for k, v in weights.items() if k in expected or layer_index(k) is not None}
+    check_weights(expected, weights, wmap, path)
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    nbytes = sum(v.nbytes for v in weights.values())
+    return Loaded(model, config, args, path, files, nbytes)
+
+
+def check_weights(expected: dict, weights: dict, wmap: dict, path: Path):
+    """Every expected tensor present with its shape, nothing unexpected."""
+    for name, param in expected.items():
+        if name not in weights:
+            where = wmap.get(name)
+            if where is None:
+                files = sorted(set(wmap.values()))
+                where = files[0] if len(files) == 1 else f"one of {', '.join(files)}"
+            raise CheckpointError(f"tensor {name} is missing from the weights: expected in "
+                                  f"{Path(path) / where}")
+        if tuple(weights[name].shape) != tuple(param.shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(weights[name].shape)} in the "
+                                  f"checkpoint but the config implies {tuple(param.shape)}; "
+                                  f"config.json and the weights do not match")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise CheckpointError(f"{len(extra)} tensor(s) in {path} belong to no module of this "
+                              f"model, e.g. {extra[0]}; is config.json from another model?")
+
+
+def log_progress(prefix: str = ""):
+    """A progress callback that prints one line per shard to stderr."""
+    def report(i, n, fname, total):
+        print(f"{prefix}loaded {fname} ({i}/{n}, {total / 1e9:.2f} GB so far)",
+              file=sys.stderr, flush=True)
+    return report

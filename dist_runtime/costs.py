@@ -1,0 +1,89 @@
+"""Per-layer costs for the partition: weight bytes, active bytes per token, KV bytes.
+
+Read from safetensors headers for a local checkpoint (exact, whatever the quantization)
+or from the shapes of an unevaluated model for a synthetic one (mlx arrays are lazy, so
+building a GLM-4.5-sized skeleton allocates nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx.utils import tree_flatten
+
+from dist_runtime.checkpoint import UNUSED_PREFIXES, layer_index, safetensors_header, weight_map
+
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1,
+               "F64": 8, "I64": 8, "U16": 2, "I16": 2, "BOOL": 1}
+EXPERT_MARKERS = (".switch_mlp.", ".experts.")  # stacked expert banks: only top-k are read
+
+
+@dataclass
+class Costs:
+    """Bytes per layer (weights, active per token, KV per cached position) and head bytes."""
+
+    weight: list
+    active: list
+    kv_per_token: list
+    head: int
+
+
+def text_config(config: dict) -> dict:
+    """The text model's fields (Llama-4 nests them under text_config)."""
+    return config.get("text_config", config)
+
+
+def expert_fraction(config: dict) -> float:
+    """Share of a stacked expert bank one token reads: top-k / experts."""
+    c = text_config(config)
+    k = c.get("num_experts_per_tok", 1)
+    e = c.get("n_routed_experts") or c.get("num_local_experts") or c.get("num_experts") or k
+    return k / e
+
+
+def kv_bytes_per_token(config: dict, n_layers: int, dtype_bytes: int = 2) -> list:
+    """Per layer, bytes one cached position takes (keys + values)."""
+    c = text_config(config)
+    if "num_kv_heads" in c:  # OpenELM: per-layer lists
+        heads = c["num_kv_heads"]
+        return [2 * h * c["head_dim"] * dtype_bytes for h in heads]
+    n_heads = c.get("num_attention_heads") or c.get("n_head")
+    kv = c.get("num_key_value_heads") or c.get("n_kv_heads") or n_heads
+    width = c.get("head_dim") or (c.get("hidden_size") or c.get("n_embd")) // n_heads
+    return [2 * kv * width * dtype_bytes] * n_layers
+
+
+def _accumulate(sizes: dict, n_layers: int, frac: float):
+    weight, active, head = [0] * n_layers, [0] * n_layers, 0
+    for name, nbytes in sizes.items():
+        if name.startswith(UNUSED_PREFIXES):
+            continue
+        i = layer_index(name)
+        if i is None:
+            head += nbytes
+        elif i < n_layers:  # beyond: multi-token-prediction layers, never loaded
+            weight[i] += nbytes
+            active[i] += nbytes * frac if any(m in name for m in EXPERT_MARKERS) else nbytes
+    return weight, [int(a) for a in active], head
+
+
+def checkpoint_costs(path: Path, config: dict, n_layers: int) -> Costs:
+    """Costs from a local checkpoint's safetensors headers."""
+    sizes = {}
+    for fname in sorted(set(weight_map(path).values())):
+        for name, t in safetensors_header(Path(path) / fname).items():
+            n = DTYPE_BYTES.get(t["dtype"], 4)
+            for d in t["shape"]:
+                n *= d
+            sizes[name] = n
+    w, a, h = _accumulate(sizes, n_layers, expert_fraction(config))
+    return Costs(w, a, kv_bytes_per_token(config, n_layers), h)
+
+
+def model_costs(model, config: dict) -> Costs:
+    """Costs from an (unevaluated) model's parameter shapes."""
+    sizes = {n: p.nbytes for n, p in tree_flatten(model.parameters())}
+    n_layers = len(model.layers)
+    w, a, h = _accumulate(sizes, n_layers, expert_fraction(config))
+    return Costs(w, a, kv_bytes_per_token(config, n_layers), h)

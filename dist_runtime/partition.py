@@ -1,0 +1,138 @@
+"""The partition: which contiguous layers each rank holds. A pure function, no hosts.
+
+Inputs are numbers only: each layer's weight bytes (memory) and active bytes per token
+(time: an MoE layer reads only its chosen experts), each rank's memory budget, the
+bytes rank 0 pays for the embedding and head, and the KV-cache bytes per layer. The
+plan minimises the slowest stage's time subject to every rank's memory budget, every
+layer placed exactly once, contiguous, in rank order, at least one layer per rank.
+An infeasible request is refused before any weight is read, with the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+GB = 1e9
+
+
+class PlanError(ValueError):
+    """No plan can satisfy the request; the message has the numbers and a fix."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """ranges[r] = range of global layer indices rank r runs."""
+
+    ranges: tuple
+
+    def describe(self) -> list:
+        """[[start, end], ...] for JSON output."""
+        return [[r.start, r.stop] for r in self.ranges]
+
+
+def stage_memory(layers: range, weight_bytes, kv_bytes, extra: int) -> int:
+    """Bytes a stage needs: its layers' weights and KV room, plus fixed extras."""
+    return sum(weight_bytes[i] + kv_bytes[i] for i in layers) + extra
+
+
+def check_split(split: Sequence[int], n_layers: int, n_ranks: int) -> list:
+    """Validate a user `--split a,b,c`: one positive count per rank, summing to the layers."""
+    split = list(split)
+    if len(split) != n_ranks:
+        raise PlanError(f"--split has {len(split)} entries ({','.join(map(str, split))}) but "
+                        f"the job has {n_ranks} ranks; give one layer count per rank")
+    if any(s <= 0 for s in split):
+        raise PlanError(f"--split {','.join(map(str, split))} gives a rank no layers; every "
+                        f"rank needs at least 1")
+    if sum(split) != n_layers:
+        raise PlanError(f"--split {','.join(map(str, split))} sums to {sum(split)} but the model "
+                        f"has {n_layers} layers")
+    return split
+
+
+def ranges_from_counts(counts: Sequence[int]) -> tuple:
+    """[3, 5, 4] -> (range(0,3), range(3,8), range(8,12))."""
+    out, start = [], 0
+    for c in counts:
+        out.append(range(start, start + c))
+        start += c
+    return tuple(out)
+
+
+def _greedy(limit_time: float, time_cost, mem_cost, budgets, extra_time, extra_mem):
+    """Fill ranks in order, each as far as time and memory allow; None if layers remain."""
+    n_layers, n_ranks = len(time_cost), len(budgets)
+    counts, i = [], 0
+    for r in range(n_ranks):
+        t, m, c = extra_time[r], extra_mem[r], 0
+        ranks_after = n_ranks - r - 1
+        while i < n_layers - ranks_after:
+            if c > 0 and (t + time_cost[i] > limit_time or m + mem_cost[i] > budgets[r]):
+                break
+            if c == 0 and m + mem_cost[i] > budgets[r]:
+                return None
+            t, m, c, i = t + time_cost[i], m + mem_cost[i], c + 1, i + 1
+        if c == 0:
+            return None
+        counts.append(c)
+    return counts if i == n_layers else None
+
+
+def plan_layers(weight_bytes: Sequence[int], active_bytes: Sequence[int],
+                budgets: Sequence[int], head_bytes: int = 0,
+                kv_bytes: Optional[Sequence[int]] = None,
+                split: Optional[Sequence[int]] = None, hosts: Optional[Sequence[str]] = None) -> Plan:
+    """The plan; see the module docstring. Budgets and costs in bytes.
+
+    head_bytes: embedding + final norm + LM head, all on rank 0 (so is their time).
+    kv_bytes: per layer, the KV cache the run may fill.
+    """
+    n_layers, n_ranks = len(weight_bytes), len(budgets)
+    kv_bytes = list(kv_bytes) if kv_bytes is not None else [0] * n_layers
+    hosts = list(hosts) if hosts is not None else [f"rank {r}" for r in range(n_ranks)]
+    if n_ranks > n_layers:
+        raise PlanError(f"{n_ranks} ranks but the model has only {n_layers} layers; "
+                        f"use at most {n_layers} ranks")
+    mem_cost = [w + k for w, k in zip(weight_bytes, kv_bytes)]
+    extra_mem = [head_bytes] + [0] * (n_ranks - 1)
+    extra_time = [head_bytes] + [0] * (n_ranks - 1)  # the head reads its bytes each token
+    if split is not None:
+        ranges = ranges_from_counts(check_split(split, n_layers, n_ranks))
+        _check_fits(ranges, mem_cost, extra_mem, budgets, hosts)
+        return Plan(ranges)
+    total_mem = sum(mem_cost) + head_bytes
+    if total_mem > sum(budgets):
+        raise PlanError(
+            f"the model needs {total_mem / GB:.2f} GB (weights + KV room) but the "
+            f"{n_ranks} hosts have {sum(budgets) / GB:.2f} GB available together; add a host, "
+            f"use a quantized checkpoint, or shorten --max-kv-tokens")
+    lo, hi = 0.0, float(sum(active_bytes) + head_bytes)
+    best = _greedy(hi, active_bytes, mem_cost, budgets, extra_time, extra_mem)
+    if best is None:
+        raise PlanError(_no_fit_message(mem_cost, budgets, head_bytes, hosts))
+    for _ in range(60):  # bisection on the slowest stage's time
+        mid = (lo + hi) / 2
+        counts = _greedy(mid, active_bytes, mem_cost, budgets, extra_time, extra_mem)
+        if counts is None:
+            lo = mid
+        else:
+            hi, best = mid, counts
+    return Plan(ranges_from_counts(best))
+
+
+def _check_fits(ranges, mem_cost, extra_mem, budgets, hosts):
+    for r, rng in enumerate(ranges):
+        need = sum(mem_cost[i] for i in rng) + extra_mem[r]
+        if need > budgets[r]:
+            raise PlanError(
+                f"rank {r} ({hosts[r]}) would hold layers {rng.start}..{rng.stop - 1}, needing "
+                f"{need / GB:.2f} GB, but has {budgets[r] / GB:.2f} GB available; give it fewer "
+                f"layers in --split or leave --split out to plan by memory")
+
+
+def _no_fit_message(mem_cost, budgets, head_bytes, hosts) -> str:
+    biggest = max(mem_cost)
+    return (f"no contiguous split fits: layers need up to {biggest / GB:.2f} GB each, rank 0 "
+            f"also holds {head_bytes / GB:.2f} GB of embedding and head, and the budgets are "
+            + ", ".join(f"{h}: {b / GB:.2f} GB" for h, b in zip(hosts, budgets)))

@@ -1,0 +1,105 @@
+"""Choosing the next token from logits, on the coordinator only.
+
+Greedy, temperature, top-k, top-p (nucleus), min-p and a repetition penalty. A seeded
+run draws step t's random numbers from key(seed, t), so the same seed gives the same
+text whatever the number of ranks (only rank 0 ever samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+STEP_KEY_STRIDE = 1_000_003  # prime > any generation length: (seed, step) pairs never collide
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens; temp == 0 means greedy (argmax)."""
+
+    temp: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; >1 discourages tokens already seen
+    repetition_window: int = 64  # how many recent tokens the penalty looks at
+    seed: Optional[int] = None
+
+    def check(self):
+        """Raise ValueError naming the first out-of-range field."""
+        if self.temp < 0:
+            raise ValueError(f"--temp must be >= 0, got {self.temp}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"--min-p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: mx.array, recent: list, penalty: float) -> mx.array:
+    """Divide positive / multiply negative logits of recently seen tokens by `penalty`."""
+    if penalty == 1.0 or not recent:
+        return logits
+    idx = mx.array(sorted(set(recent)))
+    picked = logits[idx]
+    logits[idx] = mx.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def filter_logits(logits: mx.array, p: SamplingParams) -> mx.array:
+    """Set to -inf every token that top-k, top-p or min-p excludes; logits [V], scaled."""
+    neg = mx.array(-float("inf"), logits.dtype)
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = mx.sort(logits)[-p.top_k]
+        logits = mx.where(logits < kth, neg, logits)
+    probs = mx.softmax(logits, axis=-1)
+    if p.min_p > 0:
+        logits = mx.where(probs < p.min_p * probs.max(), neg, logits)
+    if p.top_p < 1.0:
+        order = mx.argsort(-probs)
+        sorted_probs = probs[order]
+        # keep a token if the mass before it is still below top_p (the first always stays)
+        before = mx.cumsum(sorted_probs) - sorted_probs
+        keep_sorted = before < p.top_p
+        keep = mx.zeros_like(keep_sorted)
+        keep[order] = keep_sorted
+        logits = mx.where(keep, logits, neg)
+    return logits
+
+
+class Sampler:
+    """Stateful sampler: remembers the step count (for seeded keys) and recent tokens."""
+
+    def __init__(self, params: SamplingParams, prompt: Optional[list] = None):
+        params.check()
+        self.p = params
+        self.recent = list(prompt or [])[-params.repetition_window:]
+        self.step = 0
+        self.seed = params.seed
+
+    def __call__(self, logits: mx.array) -> int:
+        """logits [V] (the last position's) -> next token id."""
+        logits = apply_repetition_penalty(logits.astype(mx.float32), self.recent,
+                                          self.p.repetition_penalty)
+        if self.p.temp == 0:
+            token = int(mx.argmax(logits).item())
+        else:
+            logits = filter_logits(logits / self.p.temp, self.p)
+            if self.seed is not None:
+                key = step_key(self.seed, self.step)
+                token = int(mx.random.categorical(logits, key=key).item())
+            else:
+                token = int(mx.random.categorical(logits).item())
+        self.step += 1
+        self.recent = (self.recent + [token])[-self.p.repetition_window:]
+        return token
+
+
+def step_key(seed: int, step: int) -> mx.array:
+    """A key for step `step` that depends only on the seed and the step."""
+    return mx.random.key((seed * STEP_KEY_STRIDE + step) % (2**63))

@@ -1,0 +1,93 @@
+"""One interface over where a stage's weights come from: a folder, the Hub, or synthetic.
+
+Every rank opens the same source, asks it for the per-layer costs (to plan), then for
+its own stage. Nothing here reads a weight before the plan exists.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from dist_runtime import hub
+from dist_runtime.checkpoint import build_model, load_config, load_model, log_progress
+from dist_runtime.costs import checkpoint_costs, model_costs
+from dist_runtime.synthetic import preset_config, synthetic_model
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class Source:
+    """Config, costs and stage loading for one --model / --synthetic choice."""
+
+    def __init__(self, model: str, synthetic: Optional[str] = None, seed: int = 0,
+                 dtype: str = "float32", bits: Optional[int] = None, group_size: int = 64):
+        self.spec, self.synthetic, self.seed = model, synthetic, seed
+        self.dtype, self.bits, self.group_size = DTYPES[dtype], bits, group_size
+        self.repo = None
+        if synthetic:
+            if not hub.is_alias(model):
+                raise hub.ModelNotFound(
+                    f"--synthetic needs an architecture alias for --model, one of "
+                    f"{', '.join(hub.ALIASES)}; got {model!r}")
+            self.config = preset_config(model, synthetic)
+            self.path = None
+        else:
+            kind, value = hub.resolve(model)
+            if kind == "local":
+                self.path = value
+            else:
+                self.repo = value
+                self.path = hub.fetch_metadata(value)
+            self.config = load_config(self.path)
+
+    def costs(self):
+        """Per-layer costs (dist_runtime/costs.py) without reading any weight."""
+        if self.synthetic:
+            skeleton, _, _ = synthetic_skeleton(self.config, self.dtype, self.bits,
+                                                self.group_size)
+            return model_costs(skeleton, self.config)
+        if self.repo:  # shard headers come with the download; plan on the config's shapes
+            skeleton, _ = build_model(self.config)
+            return model_costs(skeleton, self.config)
+        n_layers = len(build_model(self.config)[0].layers)
+        return checkpoint_costs(self.path, self.config, n_layers)
+
+    def load(self, layers: range, has_embed: bool, has_head: bool, log_prefix: str = ""):
+        """(model, config) of this rank's stage."""
+        if self.synthetic:
+            model, _, config = synthetic_model(self.config, self.seed, layers, has_embed,
+                                               has_head, self.dtype, self.bits,
+                                               self.group_size)
+            return model, config
+        if self.repo:
+            self.path = hub.fetch_stage_weights(self.repo, self.path, layers,
+                                                has_embed or has_head)
+        loaded = load_model(self.path, layers, has_embed, has_head, log_progress(log_prefix))
+        return loaded.model, loaded.config
+
+    def tokenizer_folder(self) -> Path:
+        """Where tokenizer.json lives (synthetic: a freshly built tokenizer)."""
+        if self.path is not None:
+            return self.path
+        from dist_runtime.writer import write_tokenizer
+
+        folder = Path(tempfile.mkdtemp(prefix="synthetic-tokenizer-"))
+        write_tokenizer(folder, self.config.get("text_config", self.config)["vocab_size"])
+        return folder
+
+
+def synthetic_skeleton(config: dict, dtype, bits, group_size):
+    """An unevaluated synthetic model with the final dtypes and packing, for its shapes."""
+    import mlx.nn as nn
+
+    from dist_runtime.synthetic import quantization_predicate
+
+    model, args = build_model(config)
+    model.set_dtype(dtype)
+    if bits:
+        nn.quantize(model, group_size, bits, class_predicate=quantization_predicate(group_size))
+    return model, args, config

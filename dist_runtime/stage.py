@@ -1,0 +1,79 @@
+"""A stage: one rank's slice of the layer stack and the KV caches of its sequences.
+
+A stage knows its index, whether it embeds (first) and whether it holds the head, and
+how to run one chunk of one sequence through its layers. It keeps a separate list of
+caches per sequence id, so sequences in flight never share cache slots. It knows
+nothing of sockets: the loop at the bottom pairs it with a Transport.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STOP,
+                                    Header, TransportError)
+
+
+class Stage:
+    """Rank `index` of `n_stages`: a pruned model plus per-sequence caches."""
+
+    def __init__(self, model, index: int, n_stages: int):
+        self.model, self.index, self.n_stages = model, index, n_stages
+        self.layer_range = model.layer_range
+        self.caches: dict = {}  # sequence id -> list of caches, one per owned layer
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this stage's output goes back to the coordinator."""
+        return self.index == self.n_stages - 1
+
+    def offset(self, seq: int) -> int:
+        """Positions already cached for sequence `seq`."""
+        caches = self.caches.get(seq)
+        return caches[0].offset if caches else 0
+
+    def forward(self, h: mx.array, seq: int, offset: int) -> mx.array:
+        """Run h [B, L, D] of sequence `seq` (starting at `offset`) through the owned layers."""
+        caches = self.caches.setdefault(seq, self.model.make_caches())
+        if caches and caches[0].offset != offset:
+            raise TransportError(f"stage {self.index}: sequence {seq} arrives at position "
+                                 f"{offset} but its cache holds {caches[0].offset}")
+        return self.model.forward_layers(h, caches)
+
+    def release(self, seq: int):
+        """Free sequence `seq`'s caches."""
+        self.caches.pop(seq, None)
+
+    def cache_bytes(self) -> int:
+        """Bytes held by all caches of this stage."""
+        return sum(c.nbytes for cs in self.caches.values() for c in cs)
+
+
+def stage_loop(stage: Stage, transport, first_timeout: float):
+    """Ranks 1..N-1: receive, run, pass on, until the coordinator says stop.
+
+    The first wait uses `first_timeout` (rank 0 may still be loading or compiling).
+    """
+    prev = stage.index - 1
+    nxt = (stage.index + 1) % stage.n_stages
+    timeout = first_timeout
+    while True:
+        header, h = transport.recv(prev, timeout)
+        timeout = None
+        if header.op == OP_FORWARD:
+            out = stage.forward(h, header.seq, header.offset)
+            if not stage.is_last:
+                transport.send(nxt, header, out)
+            elif header.flags & FLAG_RETURN:
+                transport.send(nxt, header, out[:, -1:])
+            else:
+                mx.eval(out)  # nothing travels back; still finish the work (fills caches)
+            continue
+        if header.op == OP_RELEASE:
+            stage.release(header.seq)
+            if not stage.is_last:
+                transport.send(nxt, Header(header.op, header.seq))
+            continue
+        # STOP / ABORT go round the whole ring, so rank 0 learns every stage got it.
+        transport.send(nxt, Header(header.op, header.seq))
+        return header.op

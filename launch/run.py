@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Generate text with a model split across the ranks of an mlx.launch job (or one process).
+
+    python launch/run.py --model glm4_moe --synthetic tiny --prompt "Hello"
+    mlx.launch --hostfile hostfiles/localhost-2.json launch/run.py --model glm4_moe \
+        --synthetic tiny --prompt "Hello"
+
+Rank 0 tokenizes, samples and prints; each rank loads only its layers. With --json the
+last line on stdout is one JSON object (tokens, text, timings, memory, ranks, plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mlx.launch runs us as a file
+
+import mlx.core as mx  # noqa: E402
+
+from dist_runtime.cluster import gather_infos, init_group, make_plan  # noqa: E402
+from dist_runtime.coordinator import PREFILL_CHUNK, Coordinator  # noqa: E402
+from dist_runtime.costs import text_config  # noqa: E402
+from dist_runtime.errors import USER_ERRORS, fail  # noqa: E402
+from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
+from dist_runtime.source import DTYPES, Source  # noqa: E402
+from dist_runtime.stage import Stage, stage_loop  # noqa: E402
+from dist_runtime.tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
+from dist_runtime.transport import Transport  # noqa: E402
+
+DEFAULT_TIMEOUT = 120.0  # s a rank waits for a neighbour mid-generation
+FIRST_TIMEOUT = 1800.0  # s for the first message: other ranks may still load 100 GB
+
+
+def parse_args(argv=None):
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="alias (glm4_moe, llama4, glm, openelm, "
+                   "lille-130m), local folder, or Hugging Face repo id")
+    p.add_argument("--synthetic", metavar="PRESET", help="random weights of a preset (tiny, "
+                   "glm-4.5-air, llama-4-scout, ...) instead of a checkpoint; --model names "
+                   "the architecture")
+    p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="synthetic weights' dtype")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="quantize synthetic weights")
+    p.add_argument("--prompt", default="Hello")
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="seed sampling: same seed, same text")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens regardless")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is")
+    p.add_argument("--split", help="layers per rank, e.g. 10,12,12,12 (default: by memory)")
+    p.add_argument("--max-kv-tokens", type=int, default=4096,
+                   help="KV-cache positions to reserve memory for when planning")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds to wait for another rank before giving up")
+    p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
+    args = p.parse_args(argv)
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.split:
+        try:
+            args.split = [int(s) for s in args.split.split(",")]
+        except ValueError:
+            p.error(f"--split must be comma-separated layer counts, e.g. 10,12; got {args.split!r}")
+    return args
+
+
+def hidden_width(config: dict) -> int:
+    """Width of the hidden state that travels between stages."""
+    c = text_config(config)
+    return c.get("hidden_size") or c.get("model_dim") or c["n_embd"]
+
+
+def activation_dtype(model):
+    """dtype of the hidden state: the float dtype most parameters use."""
+    from collections import Counter
+
+    from mlx.utils import tree_flatten
+
+    kinds = Counter(p.dtype for _, p in tree_flatten(model.parameters())
+                    if p.dtype in (mx.float32, mx.float16, mx.bfloat16))
+    return kinds.most_common(1)[0][0]
+
+
+def setup(args, group, infos):
+    """This rank's stage and the plan (every rank computes the same plan)."""
+    rank = group.rank()
+    source = Source(args.model, args.synthetic, args.synthetic_seed, args.dtype, args.bits)
+    plan = make_plan(source.costs(), infos, args.max_kv_tokens, args.split)
+    layers = plan.ranges[rank]
+    t0 = time.perf_counter()
+    model, config = source.load(layers, has_embed=rank == 0, has_head=rank == 0,
+                                log_prefix=f"[{infos[rank].name}] ")
+    load_s = time.perf_counter() - t0
+    return source, plan, Stage(model, rank, group.size()), config, load_s
+
+
+def run_coordinator(args, group, infos, source, plan, stage, config, transport):
+    """Rank 0: tokenize, generate, stream, summarise."""
+    tok = Tokenizer(source.tokenizer_folder(), config)
+    prompt = tok.prompt_ids(args.prompt, chat=not args.no_chat_template)
+    check_context(config, len(prompt), args.max_tokens)
+    coord = Coordinator(stage, transport, args.prefill_chunk)
+    sampler = Sampler(SamplingParams(args.temp, args.top_k, args.top_p, args.min_p,
+                                     args.repetition_penalty, seed=args.seed), prompt)
+    detok = StreamingDetokenizer(tok)
+    text = []
+
+    def on_token(token: int) -> bool:
+        piece = detok.add(token)
+        text.append(piece)
+        if not args.json:
+            print(piece, end="", flush=True)
+        full = "".join(text)
+        return any(s in full for s in args.stop)
+
+    eos = set() if args.ignore_eos else tok.eos_ids
+    res = coord.generate(prompt, args.max_tokens, sampler, eos, on_token)
+    tail = detok.finish()
+    text.append(tail)
+    full = "".join(text)
+    for s in args.stop:
+        if s in full:
+            full = full[: full.index(s)]
+    if not args.json:
+        print(tail, flush=True)
+    coord.stop()
+    return res, full, len(prompt)
+
+
+def check_context(config: dict, n_prompt: int, max_tokens: int):
+    """Refuse a prompt that does not fit the model's context."""
+    ctx = text_config(config).get("max_position_embeddings") or text_config(config).get("block_size")
+    if ctx and n_prompt >= ctx:
+        raise ValueError(f"the prompt is {n_prompt} tokens but the model's context is {ctx} "
+                         f"(max_position_embeddings); shorten the prompt")
+
+
+def peak_memories(group) -> list:
+    """Every rank's peak memory in GB (one gather)."""
+    import numpy as np
+
+    buf = np.zeros((group.size(),), np.float32)
+    buf[group.rank()] = mx.get_peak_memory() / 1e9
+    if group.size() == 1:
+        return buf.tolist()
+    return np.array(mx.distributed.all_sum(mx.array(buf), group=group, stream=mx.cpu)).tolist()
+
+
+def main(argv=None) -> int:
+    """Entry point on every rank."""
+    args = parse_args(argv)
+    group = init_group()
+    rank = group.rank()
+    infos = gather_infos(group)
+    me = infos[rank].name
+    try:
+        source, plan, stage, config, load_s = setup(args, group, infos)
+    except USER_ERRORS as e:
+        return fail(me, e, rank)
+    transport = None
+    if group.size() > 1:
+        transport = Transport(group, hidden_width(config), activation_dtype(stage.model),
+                              [i.name for i in infos], args.timeout)
+    if rank != 0:
+        stage_loop(stage, transport, FIRST_TIMEOUT)
+        peak_memories(group)
+        return 0
+    try:
+        res, text, n_prompt = run_coordinator(args, group, infos, source, plan, stage, config,
+                                              transport)
+    except USER_ERRORS as e:
+        return fail(me, e, rank, abort=transport)
+    peaks = peak_memories(group)
+    if args.json:
+        print(json.dumps({
+            "tokens": res.tokens, "text": text, "prompt_tokens": n_prompt,
+            "ttft_s": res.ttft_s, "prefill_tps": res.prefill_tps, "decode_tps": res.decode_tps,
+            "peak_memory_gb": max(peaks), "peak_memory_gb_per_rank": peaks,
+            "finish_reason": res.finish_reason, "load_s": load_s, "ranks": group.size(),
+            "plan": [{"rank": i.rank, "host": i.host, "layers": [r.start, r.stop]}
+                     for i, r in zip(infos, plan.ranges)],
+            "first_logits": None if not os.environ.get("PIPELINE_DUMP_LOGITS") else
+            res.first_logits.astype(mx.float32).tolist(),
+        }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Lille 130M (Hugging Face `model_type: lille-130m`, e.g. Nikity/lille-130m-instruct).
+
+The idea: a small Llama-style decoder trained from scratch as part of an open stack
+(tokenizer, data, optimizer); model card https://huggingface.co/Nikity/lille-130m-instruct,
+code https://github.com/Nikityyy/lille. Pre-norm blocks with grouped-query attention,
+RoPE, RMSNorm and a SwiGLU MLP, the LM head tied to the token embedding. Its traits:
+- Norms live inside the sub-blocks: `attention.norm` and `feed_forward.norm` are the
+  pre-norms of the two residual branches (Llama's input/post-attention layernorms under
+  other names), `transformer.norm` the final one; all RMSNorm with `layer_norm_eps`.
+- Fused qkv projection: one `qkv_proj` matrix whose output is [q | k | v], with n_head
+  query heads and n_kv_heads key/value heads, head width n_embd / n_head.
+- RoPE over the whole head with base `rope_theta`, rotating adjacent pairs (mlx's
+  `traditional=True`), as mlx-lm does; see ROPE_TRADITIONAL for the doubt.
+- SwiGLU hidden width from n_embd alone (there is no `intermediate_size` field), see
+  `ffn_width`: a classic MLP is 4 * n_embd wide with two matrices; SwiGLU has three
+  (gate, up, down), so the width is scaled by 2/3 to keep the parameter count,
+  int(2/3 * 4 * n_embd) = int(8 * n_embd / 3), then rounded up to a multiple of 256 so
+  the matmul widths fill hardware tiles. For n_embd 640: int(1706.67) = 1706 -> 1792.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import (BaseConfig, ConfigError, PipelineMixin, attention, attention_mask,
+                   merge_heads, split_heads)
+
+FFN_MULTIPLE = 256  # SwiGLU widths are rounded up to a multiple of this
+# mlx-lm rotates adjacent pairs. The author's GGUF export permutes q/k the way HF-Llama
+# (half-rotating) weights are permuted for llama.cpp, which hints the original rotates
+# halves instead; the original model.py is not public, so we follow mlx-lm, which is
+# what mlx-community checkpoints are run with.
+ROPE_TRADITIONAL = True
+
+
+def ffn_width(n_embd: int) -> int:
+    """SwiGLU hidden width: int(8 * n_embd / 3) rounded up to a multiple of FFN_MULTIPLE.
+
+    This is the rule of the author's own export code (github.com/Nikityyy/lille,
+    gguf/export_gguf.py). mlx-lm rounds to the *nearest* multiple instead; the two agree
+    for the published n_embd 640 (1792) but not when int(8 * n_embd / 3) lies at most
+    half a multiple above one, e.g. n_embd 128: 341 -> 512 here, 256 in mlx-lm.
+    """
+    base = int(8 * n_embd / 3)  # 2/3 of the 4 * n_embd a two-matrix MLP would use
+    return FFN_MULTIPLE * ((base + FFN_MULTIPLE - 1) // FFN_MULTIPLE)
+
+
+@dataclass
+class ModelArgs(BaseConfig):
+    """Fields of a Lille `config.json` (HF's LilleConfig, nanoGPT-style names)."""
+
+    model_type: str
+    n_embd: int
+    n_layer: int
+    n_head: int
+    vocab_size: int
+    n_kv_heads: Optional[int] = None  # None = one kv head per query head
+    block_size: int = 512  # context length it was trained with; not enforced here
+    layer_norm_eps: float = 1e-5  # eps of every RMSNorm
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True  # LilleConfig always sets True
+
+    def __post_init__(self):
+        """Fill n_kv_heads and reject shapes the architecture cannot have."""
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_head
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_heads:
+            raise ConfigError(f"lille-130m: n_embd {self.n_embd}, n_head {self.n_head} and "
+                              f"n_kv_heads {self.n_kv_heads} do not divide evenly")
+        if not self.tie_word_embeddings:
+            raise ConfigError("lille-130m always ties its LM head to the embedding; "
+                              "tie_word_embeddings=false describes no known checkpoint")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.n_embd // self.n_head
+
+
+class Attention(nn.Module):
+    """Pre-normed GQA: norm, fused qkv projection, RoPE, attention, out_proj."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hd = args.head_dim
+        self.n_heads, self.n_kv = args.n_head, args.n_kv_heads
+        self.scale = hd**-0.5
+        self.norm = nn.RMSNorm(args.n_embd, eps=args.layer_norm_eps)
+        self.qkv_proj = nn.Linear(args.n_embd, (self.n_heads + 2 * self.n_kv) * hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, args.n_embd, bias=False)
+        self.rope = nn.RoPE(hd, traditional=ROPE_TRADITIONAL, base=args.rope_theta)
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        """x [B, L, D] (the residual stream, not yet normed) -> [B, L, D]."""
+        qkv = split_heads(self.qkv_proj(self.norm(x)), self.n_heads + 2 * self.n_kv)
+        q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv], axis=1)  # [B, H, L, Dh]
+        q = self.rope(q, offset=cache.offset)
+        k = self.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)  # [B, Hkv, S, Dh]
+        return self.out_proj(merge_heads(attention(q, k, v, self.scale, mask)))
+
+
+class FeedForward(nn.Module):
+    """Pre-normed SwiGLU: down(silu(gate(norm x)) * up(norm x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        width = ffn_width(args.n_embd)
+        self.norm = nn.RMSNorm(args.n_embd, eps=args.layer_norm_eps)
+        self.gate_proj = nn.Linear(args.n_embd, width, bias=False)
+        self.up_proj = nn.Linear(args.n_embd, width, bias=False)
+        self.down_proj = nn.Linear(width, args.n_embd, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """x [B, L, D] (not yet normed) -> [B, L, D]."""
+        h = self.norm(x)
+        return self.down_proj(nn.silu(self.gate_proj(h)) * self.up_proj(h))  # via [B, L, F]
+
+
+class Block(nn.Module):
+    """x + attention(x), then + feed_forward(.); each branch norms its own input."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+
+    def __call__(self, x: mx.array, mask, cache) -> mx.array:
+        """x [B, L, D] -> [B, L, D]."""
+        h = x + self.attention(x, mask, cache)
+        return h + self.feed_forward(h)
+
+
+class LilleModel(nn.Module):
+    """Token embedding, blocks and final norm (HF's `transformer.` prefix)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.n_embd)
+        self.layers = [Block(args) for _ in range(args.n_layer)]
+        self.norm = nn.RMSNorm(args.n_embd, eps=args.layer_norm_eps)
+
+
+class Model(nn.Module, PipelineMixin):
+    """Lille causal LM with the stage surface of models/base.py; the head is always tied."""
+
+    EMBED_PATHS = ("transformer.tok_embeddings",)
+    HEAD_PATHS = ("transformer.norm",)  # no head matrix of its own: it reads the embedding
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.transformer = LilleModel(args)
+
+    @property
+    def layers(self) -> list:
+        """Blocks by global index; None where this stage does not own one."""
+        return self.transformer.layers
+
+    def tied_embeddings(self) -> bool:
+        """Always True: the LM head is the embedding matrix."""
+        return True
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """tokens [B, L] -> h [B, L, D]."""
+        return self.transformer.tok_embeddings(tokens)
+
+    def forward_layers(self, h: mx.array, caches: list) -> mx.array:
+        """Run the owned blocks; every Lille layer is plain causal attention."""
+        for (_, layer), cache in zip(self.owned_layers(), caches):
+            h = layer(h, attention_mask(h.shape[1], cache), cache)
+        return h
+
+    def head(self, h: mx.array) -> mx.array:
+        """h [B, L, D] -> logits [B, L, V]."""
+        return self.transformer.tok_embeddings.as_linear(self.transformer.norm(h))
+
+    def sanitize(self, weights: dict) -> dict:
+        """Drop RoPE tables and the tied head copies the PyTorch checkpoints may carry."""
+        rope_tables = ("rotary_emb", "cos_cached", "sin_cached", "inv_freq", "freqs_cis")
+        # The HF wrapper names the tied head `transformer.lm_head`, the author's GGUF export
+        # `transformer.output`; both are the embedding again.
+        tied_heads = ("lm_head.weight", "transformer.lm_head.weight", "transformer.output.weight")
+        return {k: v for k, v in weights.items()
+                if k not in tied_heads and not any(t in k for t in rope_tables)}
+
+
+# Synthetic presets (dist_runtime/synthetic.py): config dicts in HF form.
+PRESETS = {
+    # n_embd 64 -> SwiGLU width 256 under both rounding rules (ours and mlx-lm's).
+    "tiny": dict(model_type="lille-130m", n_embd=64, n_layer=4, n_head=4, n_kv_heads=2,
+                 vocab_size=512, block_size=512, layer_norm_eps=1e-5, rope_theta=10000.0,
+                 tie_word_embeddings=True),
+    # Nikity/lille-130m-instruct. Layers, width, heads, kv heads and context are from the
+    # model card/README; vocab 32768 is the Hastings tokenizer's (README, LilleConfig
+    # default). layer_norm_eps and rope_theta are train.py's and LilleConfig's defaults:
+    # we have not seen the published config.json, so they are the least certain fields.
+    "lille-130m": dict(model_type="lille-130m", n_embd=640, n_layer=24, n_head=10,
+                       n_kv_heads=2, vocab_size=32768, block_size=512, layer_norm_eps=1e-5,
+                       rope_theta=10000.0, tie_word_embeddings=True),
+}

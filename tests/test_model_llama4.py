@@ -1,0 +1,282 @@
+"""Llama 4 text: logits against mlx-lm and a NumPy reference of HF's semantics, cached
+decode vs full forward, HF checkpoint layout, pipeline stages, 4-bit quantization."""
+
+import copy
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from dist_runtime.synthetic import randomize
+from models import ConfigError, get_module
+from models.cache import ChunkedKVCache
+from tests.reference import mlxlm_logits, mlxlm_model, our_weights, prompt_tokens, stepwise_logits
+
+TOL = 1e-4  # fp32 max abs difference allowed against the reference
+N_TOKENS = 48
+PREFILL = 20  # crosses the tiny chunk (16) in prefill, and 32 during decode
+mod = get_module("llama4")
+
+
+def config(**text):
+    cfg = copy.deepcopy(mod.PRESETS["tiny"])
+    cfg["text_config"].update(text)
+    return cfg
+
+
+def build(cfg, layers=None, has_embed=True, has_head=True):
+    model = mod.Model(mod.ModelArgs.from_dict(cfg))
+    if layers is not None:
+        model.pipeline(layers.start, layers.stop, has_embed, has_head)
+    randomize(model, seed=3)  # values depend on names only: every stage agrees
+    return model
+
+
+def test_logits_match_mlx_lm():
+    cfg = config()
+    tc = cfg["text_config"]
+    assert tc["attention_chunk_size"] < N_TOKENS and tc["interleave_moe_layer_step"] == 2
+    model = build(cfg)
+    tokens = prompt_tokens(tc["vocab_size"], N_TOKENS)
+    ours = np.array(model(mx.array(tokens)))
+    ref = mlxlm_logits(mlxlm_model(cfg, our_weights(model)), tokens)
+    assert np.abs(ours - ref).max() <= TOL
+
+
+# ---- NumPy reference of HF's modeling_llama4.py (batch 1), for what mlx-lm lacks ----
+
+def np_rms(x, w, eps):
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return y if w is None else y * w
+
+
+def np_inv_freq(hd, theta, scaling):
+    inv = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+    if not scaling:
+        return inv
+    f, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    ctx = scaling["original_max_position_embeddings"]
+    wl = 2 * np.pi / inv
+    scaled = np.where(wl > ctx / lo, inv / f, inv)
+    with np.errstate(divide="ignore", invalid="ignore"):  # lo == hi: masked out below
+        smooth = (ctx / wl - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / f + smooth * scaled
+    medium = ~(wl < ctx / hi) & ~(wl > ctx / lo)
+    return np.where(medium, blended, scaled)
+
+
+def np_rope(x, pos, inv):  # x [L, H, Dh]: HF's complex product of adjacent pairs
+    xc = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * pos[:, None] * inv)[:, None]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = xc.real, xc.imag
+    return out
+
+
+def np_swiglu(x, W, p):
+    g = x @ W[p + "gate_proj.weight"].T
+    return (g / (1 + np.exp(-g)) * (x @ W[p + "up_proj.weight"].T)) @ W[p + "down_proj.weight"].T
+
+
+def np_moe(x, W, p, tc):
+    logits = x @ W[p + "router.weight"].T  # [L, E]
+    out = np_swiglu(x, W, p + "shared_expert.")
+    for t in range(x.shape[0]):
+        for e in np.argsort(-logits[t])[: tc["num_experts_per_tok"]]:
+            xe = x[t] / (1 + np.exp(-logits[t, e]))  # input scaled by sigmoid(logit)
+            ew = {f"{n}.weight": W[f"{p}experts.{n}.weight"][e] for n in
+                  ("gate_proj", "up_proj", "down_proj")}
+            out[t] += np_swiglu(xe[None], ew, "")[0]
+    return out
+
+
+def np_attention(x, W, p, tc, i, pos):
+    L, H, Hkv, hd = x.shape[0], tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
+    q = (x @ W[p + "q_proj.weight"].T).reshape(L, H, hd)
+    k = (x @ W[p + "k_proj.weight"].T).reshape(L, Hkv, hd)
+    v = (x @ W[p + "v_proj.weight"].T).reshape(L, Hkv, hd)
+    use_rope = tc["no_rope_layers"][i] if tc.get("no_rope_layers") else (i + 1) % 4 != 0
+    if use_rope:
+        inv = np_inv_freq(hd, tc["rope_theta"], tc["rope_scaling"])
+        q, k = np_rope(q, pos, inv), np_rope(k, pos, inv)
+        if tc["use_qk_norm"]:
+            q, k = np_rms(q, None, tc["rms_norm_eps"]), np_rms(k, None, tc["rms_norm_eps"])
+    elif tc["attn_temperature_tuning"]:
+        q = q * (np.log1p(np.floor((pos + 1) / tc["floor_scale"])) * tc["attn_scale"] + 1)[:, None, None]
+    chunked = tc["layer_types"][i] == "chunked_attention" if tc.get("layer_types") else use_rope
+    mask = pos[:, None] >= pos[None]
+    if chunked:
+        C = tc["attention_chunk_size"]
+        mask &= pos[:, None] // C == pos[None] // C
+    k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)
+    s = np.einsum("qhd,khd->hqk", q, k) * hd**-0.5
+    s = np.where(mask[None], s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", a, v).reshape(L, -1) @ W[p + "o_proj.weight"].T
+
+
+def np_forward(tc, W, tokens):
+    W = {k: np.array(v, dtype=np.float64) for k, v in W.items()}
+    p, eps = "language_model.model.", tc["rms_norm_eps"]
+    h = W[p + "embed_tokens.weight"][np.array(tokens[0])]  # [L, D]
+    pos = np.arange(h.shape[0])
+    for i in range(tc["num_hidden_layers"]):
+        lp = f"{p}layers.{i}."
+        h = h + np_attention(np_rms(h, W[lp + "input_layernorm.weight"], eps), W,
+                             lp + "self_attn.", tc, i, pos)
+        x = np_rms(h, W[lp + "post_attention_layernorm.weight"], eps)
+        moe = i in tc["moe_layers"] if tc.get("moe_layers") is not None else i % 2 == 1
+        h = h + (np_moe(x, W, lp + "feed_forward.", tc) if moe
+                 else np_swiglu(x, W, lp + "feed_forward."))
+    h = np_rms(h, W[p + "norm.weight"], eps)
+    return (h @ W["language_model.lm_head.weight"].T)[None]
+
+
+SCOUT_LIKE_ROPE = dict(rope_type="llama3", factor=16.0, low_freq_factor=1.0,
+                       high_freq_factor=1.0, original_max_position_embeddings=64)
+HF_DETAILS = {  # each a config mlx-lm cannot express
+    # eps this large makes QK norm's eps (HF: rms_norm_eps, mlx-lm: 1e-6) show in logits.
+    "lists-top2-eps": dict(no_rope_layers=[1, 0, 1, 1, 1, 0], moe_layers=[0, 2, 3],
+                           num_experts_per_tok=2, rms_norm_eps=1e-2),
+    "layer-types-scout-rope": dict(
+        layer_types=["chunked_attention", "full_attention", "full_attention",
+                     "chunked_attention", "chunked_attention", "full_attention"],
+        no_rope_layers=[1, 0, 1, 1, 1, 0], rms_norm_eps=1e-5, rope_scaling=SCOUT_LIKE_ROPE),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HF_DETAILS))
+def test_hf_details_match_numpy_reference(name):
+    cfg = config(**HF_DETAILS[name])
+    model = build(cfg)
+    tokens = prompt_tokens(cfg["text_config"]["vocab_size"], N_TOKENS)
+    full = np.array(model(mx.array(tokens)))
+    ref = np_forward(cfg["text_config"], our_weights(model), tokens)
+    assert np.abs(full - ref).max() <= TOL
+    steps = stepwise_logits(model, tokens, first=PREFILL)
+    assert np.abs(full[:, PREFILL - 1:] - steps).max() <= TOL
+
+
+@pytest.mark.parametrize("scaling", [None, mod.PRESETS["tiny"]["text_config"]["rope_scaling"],
+                                     mod.PRESETS["llama-4-scout"]["text_config"]["rope_scaling"]])
+def test_rope_frequencies_match_hf_formula(scaling):
+    ours = np.array(mod.rope_inv_freq(128, 500000.0, scaling))
+    ref = np_inv_freq(128, 500000.0, scaling)
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+
+
+def test_cached_decode_equals_full_forward():
+    cfg = config()
+    model = build(cfg)
+    tokens = prompt_tokens(cfg["text_config"]["vocab_size"], N_TOKENS)
+    full = np.array(model(mx.array(tokens)))
+    caches = model.make_caches()
+    toks = mx.array(tokens)
+    steps = [model(toks[:, :PREFILL], caches)[:, -1]]
+    steps += [model(toks[:, i:i + 1], caches)[:, -1] for i in range(PREFILL, N_TOKENS)]
+    assert np.abs(full[:, PREFILL - 1:] - np.array(mx.stack(steps, axis=1))).max() <= TOL
+    chunk = cfg["text_config"]["attention_chunk_size"]
+    chunked = [c for c in caches if isinstance(c, ChunkedKVCache)]
+    assert len(chunked) == 5  # every layer but the 4th (index 3)
+    for c in chunked:  # only the current chunk's keys are kept
+        assert c.start == (N_TOKENS // chunk) * chunk and c.keys.shape[2] <= chunk
+
+
+def to_hf_layout(weights: dict) -> dict:
+    """Our stacked experts -> HF's fused, input-major tensors; plus an image tower."""
+    out = {}
+    for name, w in weights.items():
+        if name.endswith("experts.gate_proj.weight"):
+            prefix = name[: -len("gate_proj.weight")]
+            up = weights[prefix + "up_proj.weight"]
+            out[prefix + "gate_up_proj"] = mx.concatenate(
+                [w.swapaxes(1, 2), up.swapaxes(1, 2)], axis=-1)  # [E, D, 2I]
+        elif name.endswith("experts.down_proj.weight"):
+            out[name[: -len(".weight")]] = w.swapaxes(1, 2)  # [E, I, D]
+        elif not name.endswith("experts.up_proj.weight"):
+            out[name] = w
+    out["vision_model.patch_embedding.linear.weight"] = mx.zeros((8, 8))
+    out["multi_modal_projector.linear_1.weight"] = mx.zeros((8, 8))
+    return out
+
+
+def test_hf_layout_loads_via_sanitize():
+    cfg = config()
+    model = build(cfg)
+    hf = to_hf_layout(our_weights(model))
+    assert any(k.endswith("experts.gate_up_proj") for k in hf)
+    tokens = mx.array(prompt_tokens(cfg["text_config"]["vocab_size"], N_TOKENS))
+    loaded = mod.Model(mod.ModelArgs.from_dict(cfg))
+    loaded.load_weights(list(loaded.sanitize(hf).items()), strict=True)
+    assert np.abs(np.array(model(tokens)) - np.array(loaded(tokens))).max() == 0
+    # A last stage gets only its own layers' tensors and the head.
+    stage = mod.Model(mod.ModelArgs.from_dict(cfg)).pipeline(3, 6, False, True)
+    own = {k: v for k, v in hf.items() if k.startswith(("language_model.model.layers.3.",
+           "language_model.model.layers.4.", "language_model.model.layers.5.",
+           "language_model.model.norm", "language_model.lm_head"))}
+    stage.load_weights(list(stage.sanitize(own).items()), strict=True)
+
+
+def run_chain(stages, toks, caches):
+    h = stages[0].embed(toks)
+    for s, c in zip(stages, caches):
+        h = s.forward_layers(h, c)
+    return stages[-1].head(h)
+
+
+@pytest.mark.parametrize("cuts", [(3,), (2, 5)])
+def test_stage_chain_equals_whole_model(cuts):
+    cfg = config()
+    n = cfg["text_config"]["num_hidden_layers"]
+    bounds = [0, *cuts, n]
+    stages = [build(cfg, range(a, b), has_embed=a == 0, has_head=b == n)
+              for a, b in zip(bounds, bounds[1:])]
+    whole = build(cfg)
+    tokens = prompt_tokens(cfg["text_config"]["vocab_size"], N_TOKENS)
+    toks = mx.array(tokens)
+    full = np.array(whole(toks))
+    chain = np.array(run_chain(stages, toks, [s.make_caches() for s in stages]))
+    assert np.abs(full - chain).max() <= TOL
+    caches = [s.make_caches() for s in stages]
+    steps = [run_chain(stages, toks[:, :PREFILL], caches)[:, -1]]
+    steps += [run_chain(stages, toks[:, i:i + 1], caches)[:, -1] for i in range(PREFILL, N_TOKENS)]
+    assert np.abs(full[:, PREFILL - 1:] - np.array(mx.stack(steps, axis=1))).max() <= TOL
+
+
+GROUP, BITS = 64, 4
+
+
+def test_quantized_matches_mlx_lm():
+    from mlx_lm.utils import quantize_model
+
+    cfg = config()
+    model = build(cfg)
+    ref = mlxlm_model(cfg, our_weights(model))
+    quantize_model(ref, cfg, GROUP, BITS)
+    # Same rule as mlx-lm: everything quantizable whose input width fills whole groups.
+    nn.quantize(model, GROUP, BITS, class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                and m.weight.shape[-1] % GROUP == 0)
+    shapes = lambda m: {k: v.shape for k, v in tree_flatten(m.parameters())}  # noqa: E731
+    assert shapes(model) == shapes(ref)  # mlx-community quantized checkpoints load as-is
+    assert any(k.endswith("experts.gate_proj.scales") for k in shapes(model))
+    tokens = prompt_tokens(cfg["text_config"]["vocab_size"], N_TOKENS)
+    ours = np.array(model(mx.array(tokens)))
+    assert np.abs(ours - mlxlm_logits(ref, tokens)).max() <= TOL
+
+
+def test_real_presets_layer_plan():
+    # Config objects only: the real shapes are never instantiated.
+    scout = mod.ModelArgs.from_dict(mod.PRESETS["llama-4-scout"]).text_config
+    mav = mod.ModelArgs.from_dict(mod.PRESETS["llama-4-maverick"]).text_config
+    nope = [i for i in range(48) if not scout.uses_rope(i)]
+    assert nope == list(range(3, 48, 4)) and not any(scout.is_chunked(i) for i in nope)
+    assert all(scout.is_moe(i) for i in range(48))
+    assert [i for i in range(48) if mav.is_moe(i)] == list(range(1, 48, 2))
+
+
+def test_unknown_rope_type_is_refused():
+    with pytest.raises(ConfigError, match="yarn"):
+        mod.ModelArgs.from_dict(config(rope_scaling=dict(rope_type="yarn", factor=4.0)))
