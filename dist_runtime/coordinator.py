@@ -16,7 +16,8 @@ import mlx.core as mx
 
 from dist_runtime.sampling import Sampler
 from dist_runtime.stage import Stage
-from dist_runtime.transport import FLAG_RETURN, OP_FORWARD, OP_RELEASE, OP_STOP, Header
+from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STOP,
+                                    Header, PeerLost)
 
 PREFILL_CHUNK = 512  # prompt positions per forward: bounds activation memory, feeds the ring
 
@@ -44,6 +45,7 @@ class Coordinator:
         self.n = stage.n_stages
         self.prefill_chunk = prefill_chunk
         self._next_seq = 0
+        self.current = GenerationResult()  # the generation in progress (read on a stop)
 
     def new_sequence(self) -> int:
         """A fresh sequence id."""
@@ -61,6 +63,10 @@ class Coordinator:
             if not want_logits:
                 return None
             header, h = self.transport.recv(self.n - 1)
+            if header.op == OP_ABORT:
+                names = self.transport.names
+                raise PeerLost(f"{names[header.offset]} failed or was lost (reported by the "
+                               f"ranks after it)")
             if header.op != OP_FORWARD or header.seq != seq:
                 raise RuntimeError(f"coordinator expected sequence {seq}'s hidden state, got "
                                    f"op {header.op} for sequence {header.seq}")
@@ -80,7 +86,7 @@ class Coordinator:
     def generate(self, prompt: list, max_tokens: int, sampler: Sampler, eos_ids=(),
                  on_token: Optional[Callable[[int], bool]] = None) -> GenerationResult:
         """Generate up to max_tokens after `prompt`; on_token(id) -> True stops early."""
-        res = GenerationResult(prompt_tokens=len(prompt))
+        res = self.current = GenerationResult(prompt_tokens=len(prompt))
         seq = self.new_sequence()
         t0 = time.perf_counter()
         logits = self.prefill(prompt, seq)

@@ -11,7 +11,7 @@ import sys
 from dist_runtime.checkpoint import CheckpointError
 from dist_runtime.partition import PlanError
 from dist_runtime.tokenizer import TokenizerError
-from dist_runtime.transport import Header, OP_ABORT, TransportError
+from dist_runtime.transport import OP_ABORT, Header, TransportError
 from models import ConfigError, UnknownModelType
 
 EXIT_USER_ERROR = 2

@@ -28,27 +28,34 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def check(self):
-        """Raise ValueError naming the first out-of-range field."""
-        if self.temp < 0:
-            raise ValueError(f"--temp must be >= 0, got {self.temp}")
+        """Raise ValueError naming the first out-of-range field (NaN is out of every range)."""
+        if not self.temp >= 0:
+            raise ValueError(f"--temp must be >= 0 (0 is greedy), got {self.temp}")
         if self.top_k < 0:
             raise ValueError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"--min-p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"--repetition-penalty must be > 0 (1.0 turns it off), got "
+                             f"{self.repetition_penalty}")
+        if self.repetition_window < 0:
+            raise ValueError(f"repetition_window must be >= 0 (0: no token is penalised), "
+                             f"got {self.repetition_window}")
 
 
 def apply_repetition_penalty(logits: mx.array, recent: list, penalty: float) -> mx.array:
-    """Divide positive / multiply negative logits of recently seen tokens by `penalty`."""
+    """Divide positive / multiply negative logits of recently seen tokens by `penalty`.
+
+    Returns a new array; the caller's `logits` are left unchanged.
+    """
     if penalty == 1.0 or not recent:
         return logits
-    idx = mx.array(sorted(set(recent)))
-    picked = logits[idx]
-    logits[idx] = mx.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
+    seen = mx.zeros(logits.shape, mx.bool_)
+    seen[mx.array(sorted(set(recent)))] = True
+    penalised = mx.where(logits > 0, logits / penalty, logits * penalty)
+    return mx.where(seen, penalised, logits)
 
 
 def filter_logits(logits: mx.array, p: SamplingParams) -> mx.array:
@@ -78,7 +85,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, prompt: Optional[list] = None):
         params.check()
         self.p = params
-        self.recent = list(prompt or [])[-params.repetition_window:]
+        self.recent = _last(list(prompt or []), params.repetition_window)
         self.step = 0
         self.seed = params.seed
 
@@ -96,8 +103,13 @@ class Sampler:
             else:
                 token = int(mx.random.categorical(logits).item())
         self.step += 1
-        self.recent = (self.recent + [token])[-self.p.repetition_window:]
+        self.recent = _last(self.recent + [token], self.p.repetition_window)
         return token
+
+
+def _last(tokens: list, n: int) -> list:
+    """The last n tokens (none for n == 0, where a plain [-n:] slice would keep all)."""
+    return tokens[len(tokens) - n:] if n > 0 else []
 
 
 def step_key(seed: int, step: int) -> mx.array:

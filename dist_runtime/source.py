@@ -57,17 +57,17 @@ class Source:
         return checkpoint_costs(self.path, self.config, n_layers)
 
     def load(self, layers: range, has_embed: bool, has_head: bool, log_prefix: str = ""):
-        """(model, config) of this rank's stage."""
+        """(model, config, files read, bytes read) of this rank's stage."""
         if self.synthetic:
             model, _, config = synthetic_model(self.config, self.seed, layers, has_embed,
                                                has_head, self.dtype, self.bits,
                                                self.group_size)
-            return model, config
+            return model, config, [], 0
         if self.repo:
             self.path = hub.fetch_stage_weights(self.repo, self.path, layers,
                                                 has_embed or has_head)
         loaded = load_model(self.path, layers, has_embed, has_head, log_progress(log_prefix))
-        return loaded.model, loaded.config
+        return loaded.model, loaded.config, loaded.files_read, loaded.bytes_loaded
 
     def tokenizer_folder(self) -> Path:
         """Where tokenizer.json lives (synthetic: a freshly built tokenizer)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STOP,
-                                    Header, TransportError)
+                                    Header, PeerLost, TransportError)
 
 
 class Stage:
@@ -58,7 +58,16 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
     nxt = (stage.index + 1) % stage.n_stages
     timeout = first_timeout
     while True:
-        header, h = transport.recv(prev, timeout)
+        try:
+            header, h = transport.recv(prev, timeout)
+        except PeerLost:
+            # Tell the ranks downstream (and so the coordinator) which rank was lost.
+            if nxt != prev:
+                try:
+                    transport.send(nxt, Header(OP_ABORT, offset=prev))
+                except PeerLost:
+                    pass
+            raise
         timeout = None
         if header.op == OP_FORWARD:
             out = stage.forward(h, header.seq, header.offset)
@@ -75,5 +84,7 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
                 transport.send(nxt, Header(header.op, header.seq))
             continue
         # STOP / ABORT go round the whole ring, so rank 0 learns every stage got it.
-        transport.send(nxt, Header(header.op, header.seq))
+        transport.send(nxt, Header(header.op, header.seq, offset=header.offset))
+        if header.op == OP_ABORT:
+            raise PeerLost(f"the job was aborted: {transport.names[header.offset]} failed")
         return header.op

@@ -32,6 +32,10 @@ class TransportError(RuntimeError):
     """A message that does not match what the ranks agreed."""
 
 
+class PeerLost(RuntimeError):
+    """A neighbour's connection broke: it died or its host went away."""
+
+
 @dataclass
 class Header:
     """What a message carries; `length` positions of `batch` sequences at cache `offset`."""
@@ -95,19 +99,28 @@ class Watchdog:
 class Transport:
     """Header + payload messages over an mx.distributed group, with deadlines."""
 
-    def __init__(self, group, width: int, dtype, names: list, timeout: float):
+    def __init__(self, group, width: int, dtype, names: list, timeout: float, lifecycle=None):
         self.group, self.rank, self.size = group, group.rank(), group.size()
         self.width, self.dtype = width, dtype
         self.names = names  # "rank r (host)" for messages
         self.timeout = timeout
         self.watchdog = Watchdog(names[self.rank])
+        self.lifecycle = lifecycle
 
-    def _wait(self, arr: mx.array, what: str, timeout: Optional[float] = None):
+    def _wait(self, arr: mx.array, what: str, timeout: Optional[float] = None, peer: int = 0):
+        if self.lifecycle is not None:
+            before = self.lifecycle.doing
+            self.lifecycle.set(f"{before}, waiting on {self.names[peer]}")
         self.watchdog.arm(timeout or self.timeout, what)
         try:
             mx.eval(arr)
+        except RuntimeError as e:  # the backend's socket to that rank broke
+            raise PeerLost(f"lost the connection to {self.names[peer]} ({e}): it died or "
+                           f"its host became unreachable") from e
         finally:
             self.watchdog.disarm()
+            if self.lifecycle is not None:
+                self.lifecycle.set(before)
 
     def send(self, dst: int, header: Header, payload: Optional[mx.array] = None):
         """Send the header, then the payload [batch, length, width] if the op has one."""
@@ -117,17 +130,17 @@ class Transport:
             header.batch, header.length = payload.shape[0], payload.shape[1]
         what = f"sending to {self.names[dst]} took over {{t}} s"
         self._wait(mx.distributed.send(header.array(), dst, group=self.group),
-                   what.format(t=self.timeout))
+                   what.format(t=self.timeout), peer=dst)
         if payload is not None:
             self._wait(mx.distributed.send(payload, dst, group=self.group),
-                       what.format(t=self.timeout))
+                       what.format(t=self.timeout), peer=dst)
 
     def recv(self, src: int, timeout: Optional[float] = None):
         """(header, payload or None) from rank src."""
         t = timeout or self.timeout
         what = f"no message from {self.names[src]} for {t:.0f} s (it died or hangs)"
         h = mx.distributed.recv((HEADER_LEN,), mx.int32, src, group=self.group)
-        self._wait(h, what, t)
+        self._wait(h, what, t, peer=src)
         header = Header.parse(h)
         if header.op != OP_FORWARD:
             return header, None
@@ -138,5 +151,5 @@ class Transport:
                 f"{self.width}, dtype {self.dtype}: the ranks loaded different models")
         payload = mx.distributed.recv((header.batch, header.length, self.width), self.dtype,
                                       src, group=self.group)
-        self._wait(payload, what, t)
+        self._wait(payload, what, t, peer=src)
         return header, payload

@@ -21,6 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mlx.launch runs us as a file
 
+from dist_runtime.lifecycle import Lifecycle, block_signals  # noqa: E402
+
+block_signals()  # before mlx starts its threads: see dist_runtime/lifecycle.py
+
 import mlx.core as mx  # noqa: E402
 
 from dist_runtime.cluster import gather_infos, init_group, make_plan  # noqa: E402
@@ -31,7 +35,7 @@ from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from dist_runtime.source import DTYPES, Source  # noqa: E402
 from dist_runtime.stage import Stage, stage_loop  # noqa: E402
 from dist_runtime.tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
-from dist_runtime.transport import Transport  # noqa: E402
+from dist_runtime.transport import PeerLost, Transport  # noqa: E402
 
 DEFAULT_TIMEOUT = 120.0  # s a rank waits for a neighbour mid-generation
 FIRST_TIMEOUT = 1800.0  # s for the first message: other ranks may still load 100 GB
@@ -102,14 +106,29 @@ def setup(args, group, infos):
     plan = make_plan(source.costs(), infos, args.max_kv_tokens, args.split)
     layers = plan.ranges[rank]
     t0 = time.perf_counter()
-    model, config = source.load(layers, has_embed=rank == 0, has_head=rank == 0,
-                                log_prefix=f"[{infos[rank].name}] ")
+    model, config, files, nbytes = source.load(layers, has_embed=rank == 0, has_head=rank == 0,
+                                               log_prefix=f"[{infos[rank].name}] ")
     load_s = time.perf_counter() - t0
+    report_stage(infos[rank].name, model, files, nbytes, load_s)
     return source, plan, Stage(model, rank, group.size()), config, load_s
 
 
-def run_coordinator(args, group, infos, source, plan, stage, config, transport):
-    """Rank 0: tokenize, generate, stream, summarise."""
+def report_stage(me: str, model, files: list, nbytes: int, load_s: float):
+    """One stderr line per rank: what it holds and what it read (operators and tests)."""
+    from mlx.utils import tree_flatten
+
+    params = tree_flatten(model.parameters())
+    layers = [i for i, _ in model.owned_layers()]
+    top = sorted({n.split(".layers.")[0] if ".layers." in n else n.rsplit(".", 1)[0]
+                  for n, _ in params if ".layers." not in n and not n.startswith("layers.")})
+    info = {"layers": [layers[0], layers[-1] + 1], "modules": top, "pid": os.getpid(),
+            "param_bytes": sum(p.nbytes for _, p in params), "loaded_bytes": nbytes,
+            "files": files, "load_s": round(load_s, 3)}
+    print(f"[{me}] stage {json.dumps(info)}", file=sys.stderr, flush=True)
+
+
+def run_coordinator(args, life, source, stage, config, transport, summarise):
+    """Rank 0: tokenize, generate, stream; on a stop signal, print what it has."""
     tok = Tokenizer(source.tokenizer_folder(), config)
     prompt = tok.prompt_ids(args.prompt, chat=not args.no_chat_template)
     check_context(config, len(prompt), args.max_tokens)
@@ -127,8 +146,21 @@ def run_coordinator(args, group, infos, source, plan, stage, config, transport):
         full = "".join(text)
         return any(s in full for s in args.stop)
 
+    def on_stop(signame: str):
+        res = coord.current
+        res.finish_reason = f"stopped by {signame}"
+        partial = "".join(text) + detok.finish()
+        if args.json:
+            print(json.dumps(summarise(res, partial, len(prompt))), flush=True)
+        else:
+            print(detok.finish(), flush=True)
+        print(f"[{life.me}] stopped after {len(res.tokens)} generated tokens",
+              file=sys.stderr, flush=True)
+
+    life.on_stop = on_stop
     eos = set() if args.ignore_eos else tok.eos_ids
     res = coord.generate(prompt, args.max_tokens, sampler, eos, on_token)
+    life.on_stop = None
     tail = detok.finish()
     text.append(tail)
     full = "".join(text)
@@ -160,42 +192,51 @@ def peak_memories(group) -> list:
     return np.array(mx.distributed.all_sum(mx.array(buf), group=group, stream=mx.cpu)).tolist()
 
 
+def summary(res, text, n_prompt, peaks, load_s, infos, plan) -> dict:
+    """The --json object."""
+    return {
+        "tokens": res.tokens, "text": text, "prompt_tokens": n_prompt,
+        "ttft_s": res.ttft_s, "prefill_tps": res.prefill_tps, "decode_tps": res.decode_tps,
+        "peak_memory_gb": max(peaks) if peaks else None, "peak_memory_gb_per_rank": peaks,
+        "finish_reason": res.finish_reason, "load_s": load_s, "ranks": len(infos),
+        "plan": [{"rank": i.rank, "host": i.host, "layers": [r.start, r.stop]}
+                 for i, r in zip(infos, plan.ranges)],
+        "first_logits": None if not os.environ.get("PIPELINE_DUMP_LOGITS") or
+        res.first_logits is None else res.first_logits.astype(mx.float32).tolist(),
+    }
+
+
 def main(argv=None) -> int:
     """Entry point on every rank."""
+    life = Lifecycle()
     args = parse_args(argv)
     group = init_group()
     rank = group.rank()
     infos = gather_infos(group)
-    me = infos[rank].name
+    me = life.me = infos[rank].name
     try:
+        life.set("loading")
         source, plan, stage, config, load_s = setup(args, group, infos)
-    except USER_ERRORS as e:
-        return fail(me, e, rank)
-    transport = None
-    if group.size() > 1:
-        transport = Transport(group, hidden_width(config), activation_dtype(stage.model),
-                              [i.name for i in infos], args.timeout)
-    if rank != 0:
-        stage_loop(stage, transport, FIRST_TIMEOUT)
-        peak_memories(group)
-        return 0
-    try:
-        res, text, n_prompt = run_coordinator(args, group, infos, source, plan, stage, config,
-                                              transport)
-    except USER_ERRORS as e:
-        return fail(me, e, rank, abort=transport)
+        transport = None
+        if group.size() > 1:
+            transport = Transport(group, hidden_width(config), activation_dtype(stage.model),
+                                  [i.name for i in infos], args.timeout, life)
+        if rank != 0:
+            life.set("serving as a stage")
+            stage_loop(stage, transport, FIRST_TIMEOUT)
+            peak_memories(group)
+            print(f"[{me}] finished", file=sys.stderr, flush=True)
+            return 0
+        life.set("generating")
+        res, text, n_prompt = run_coordinator(args, life, source, stage, config, transport,
+                                              lambda r, t, n: summary(r, t, n, [], load_s,
+                                                                      infos, plan))
+    except USER_ERRORS + (PeerLost,) as e:
+        return fail(me, e, rank, abort=transport if rank == 0 else None)
     peaks = peak_memories(group)
     if args.json:
-        print(json.dumps({
-            "tokens": res.tokens, "text": text, "prompt_tokens": n_prompt,
-            "ttft_s": res.ttft_s, "prefill_tps": res.prefill_tps, "decode_tps": res.decode_tps,
-            "peak_memory_gb": max(peaks), "peak_memory_gb_per_rank": peaks,
-            "finish_reason": res.finish_reason, "load_s": load_s, "ranks": group.size(),
-            "plan": [{"rank": i.rank, "host": i.host, "layers": [r.start, r.stop]}
-                     for i, r in zip(infos, plan.ranges)],
-            "first_logits": None if not os.environ.get("PIPELINE_DUMP_LOGITS") else
-            res.first_logits.astype(mx.float32).tolist(),
-        }), flush=True)
+        print(json.dumps(summary(res, text, n_prompt, peaks, load_s, infos, plan)), flush=True)
+    print(f"[{me}] finished", file=sys.stderr, flush=True)
     return 0
 
 

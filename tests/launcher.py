@@ -1,0 +1,61 @@
+"""Running real multi-process jobs with mlx.launch, and reading what each rank said."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RANK_LINE = re.compile(r"^\[rank (\d+) \(([^)]*)\)\] (\w+):? ?(.*)$")
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+
+
+@dataclass
+class Job:
+    """A finished job: the summary JSON (rank 0), and per-rank stage/finish/error lines."""
+
+    stdout: str
+    stderr: str
+    summary: dict = None
+    stages: dict = field(default_factory=dict)  # rank -> stage info
+    finished: set = field(default_factory=set)
+    errors: dict = field(default_factory=dict)  # rank -> message
+
+    def __post_init__(self):
+        for line in self.stdout.splitlines()[::-1]:
+            if line.startswith("{"):
+                self.summary = json.loads(line)
+                break
+        for line in self.stderr.splitlines():
+            m = RANK_LINE.match(line.strip())
+            if not m:
+                continue
+            rank, kind, rest = int(m.group(1)), m.group(3), m.group(4)
+            if kind == "stage":
+                self.stages[rank] = json.loads(rest)
+            elif kind == "finished":
+                self.finished.add(rank)
+            elif kind == "error":
+                self.errors[rank] = rest
+
+
+def launch(n: int, args: list, backend: str = "ring", timeout: float = 180, env=None) -> Job:
+    """`mlx.launch` launch/run.py on n local ranks (or plain python for n == 1)."""
+    full_env = dict(os.environ, **(env or {}))
+    if n == 1:
+        cmd = [sys.executable, str(ROOT / "launch/run.py"), *args]
+    else:
+        hostfile = ROOT / "hostfiles" / (f"localhost-mpi-{n}.json" if backend == "mpi"
+                                         else f"localhost-{n}.json")
+        cmd = ["mlx.launch", "--hostfile", str(hostfile), str(ROOT / "launch/run.py"), *args]
+        if backend == "mpi":
+            full_env.update(MPI_ENV)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env=full_env, stdin=subprocess.DEVNULL)
+    return Job(p.stdout, p.stderr)

@@ -1,0 +1,106 @@
+"""The partition is a pure function: checked on numbers alone, against brute force."""
+
+import itertools
+
+import pytest
+
+from dist_runtime.partition import PlanError, check_split, plan_layers, stage_memory
+
+GB = 10**9
+
+
+def brute_force(active, mem, budgets, head):
+    """Best max-stage time over every contiguous split that fits, by enumeration."""
+    n, r = len(active), len(budgets)
+    best = None
+    for cuts in itertools.combinations(range(1, n), r - 1):
+        bounds = [0, *cuts, n]
+        ranges = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+        extra = [head] + [0] * (r - 1)
+        if any(sum(mem[i] for i in rg) + extra[k] > budgets[k] for k, rg in enumerate(ranges)):
+            continue
+        t = max(sum(active[i] for i in rg) + extra[k] for k, rg in enumerate(ranges))
+        best = t if best is None else min(best, t)
+    return best
+
+
+def stage_times(plan, active, head):
+    return [sum(active[i] for i in rg) + (head if k == 0 else 0)
+            for k, rg in enumerate(plan.ranges)]
+
+
+def assert_valid(plan, n_layers, n_ranks):
+    covered = [i for rg in plan.ranges for i in rg]
+    assert covered == list(range(n_layers)), "every layer exactly once, in order"
+    assert len(plan.ranges) == n_ranks and all(len(rg) > 0 for rg in plan.ranges)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_plan_is_optimal_and_fits(seed):
+    import random
+
+    rnd = random.Random(seed)
+    n, r = rnd.randint(4, 9), rnd.randint(2, 4)
+    mem = [rnd.randint(1, 9) * GB for _ in range(n)]
+    active = [m // rnd.choice([1, 4]) for m in mem]  # some layers MoE-like: fewer active bytes
+    head = rnd.randint(0, 3) * GB
+    budgets = [rnd.randint(8, 40) * GB for _ in range(r)]
+    best = brute_force(active, mem, budgets, head)
+    if best is None:
+        with pytest.raises(PlanError):
+            plan_layers(mem, active, budgets, head_bytes=head)
+        return
+    plan = plan_layers(mem, active, budgets, head_bytes=head)
+    assert_valid(plan, n, r)
+    for k, rg in enumerate(plan.ranges):
+        assert stage_memory(rg, mem, [0] * n, head if k == 0 else 0) <= budgets[k]
+    assert max(stage_times(plan, active, head)) <= best * (1 + 1e-9) + 1
+
+
+def test_moe_and_dense_layers_balance_by_active_bytes():
+    # Maverick-like: dense and MoE layers alternate; MoE weighs 8x but reads 1/4 per token.
+    mem = [1 * GB, 8 * GB] * 4
+    active = [1 * GB, 2 * GB] * 4
+    plan = plan_layers(mem, active, [100 * GB, 100 * GB])
+    times = stage_times(plan, active, 0)
+    assert max(times) == brute_force(active, mem, [100 * GB] * 2, 0)
+
+
+def test_small_host_gets_fewer_layers():
+    mem = [4 * GB] * 12
+    plan = plan_layers(mem, mem, [20 * GB, 100 * GB])
+    assert len(plan.ranges[0]) <= 5
+
+
+def test_infeasible_is_refused_with_numbers():
+    with pytest.raises(PlanError, match=r"needs 40\.00 GB .* 2 hosts have 30\.00 GB"):
+        plan_layers([10 * GB] * 4, [10 * GB] * 4, [15 * GB, 15 * GB])
+    with pytest.raises(PlanError, match="no contiguous split fits"):
+        plan_layers([12 * GB, 1 * GB], [1, 1], [10 * GB, 10 * GB])
+
+
+def test_kv_room_counts_against_the_budget():
+    mem = [4 * GB] * 4
+    plan_layers(mem, mem, [10 * GB, 10 * GB])
+    with pytest.raises(PlanError):
+        plan_layers(mem, mem, [10 * GB, 10 * GB], kv_bytes=[2 * GB] * 4)
+
+
+def test_split_override():
+    plan = plan_layers([GB] * 12, [GB] * 12, [100 * GB] * 3, split=[3, 5, 4])
+    assert [(r.start, r.stop) for r in plan.ranges] == [(0, 3), (3, 8), (8, 12)]
+    with pytest.raises(PlanError, match="would hold layers 0..9"):
+        plan_layers([GB] * 12, [GB] * 12, [5 * GB, 100 * GB], split=[10, 2], hosts=["a", "b"])
+
+
+@pytest.mark.parametrize("split,msg", [
+    ([3, 5], "has 2 entries"), ([0, 6, 6], "gives a rank no layers"), ([3, 5, 5], "sums to 13"),
+])
+def test_bad_split(split, msg):
+    with pytest.raises(PlanError, match=msg):
+        check_split(split, 12, 3)
+
+
+def test_more_ranks_than_layers():
+    with pytest.raises(PlanError, match="only 2 layers"):
+        plan_layers([GB, GB], [GB, GB], [10 * GB] * 3)
