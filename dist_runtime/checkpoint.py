@@ -96,6 +96,9 @@ def weight_map(path: Path) -> dict:
 
 def safetensors_header(file: Path) -> dict:
     """The JSON header of a safetensors file, after checking the file is whole."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: {INDEX_FILE} lists tensors in it, but "
+                              f"the file is not in the folder; download it again")
     size = file.stat().st_size
     with open(file, "rb") as fh:
         raw = fh.read(8)
