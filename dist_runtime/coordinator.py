@@ -1,25 +1,40 @@
 """Rank 0: embeds, runs the first layers, closes the ring with the head, and samples.
 
-The coordinator drives everything: it sends each chunk of a sequence to rank 1, and
-the last rank returns the last position's hidden state only when logits are needed
-(the final prefill chunk, every decode step). With one rank it is the whole model and
-no message is sent: one code path for one process and for N.
+The coordinator drives everything. A Schedule (dist_runtime/schedule.py) decides what
+to send next: the next prompt chunk of a sequence (only a prompt's last chunk asks for
+a result), a decode step, or to wait for the oldest result. Results come back from the
+last rank in send order; only the last position's hidden state travels back. With one
+rank the coordinator is the whole model and no message is sent: one code path for one
+process and for N.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import mlx.core as mx
 
 from dist_runtime.sampling import Sampler
+from dist_runtime.schedule import DONE, SEND, Schedule, SeqState
 from dist_runtime.stage import Stage
 from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STOP,
                                     Header, PeerLost)
 
-PREFILL_CHUNK = 512  # prompt positions per forward: bounds activation memory, feeds the ring
+PREFILL_CHUNK = 512  # prompt positions per message: bounds activation memory, feeds the ring
+
+
+@dataclass
+class Request:
+    """One sequence to generate."""
+
+    prompt: list
+    max_tokens: int
+    sampler: Sampler
+    eos_ids: frozenset = frozenset()
+    on_token: Optional[Callable[[int], bool]] = None  # returns True to stop this sequence
 
 
 @dataclass
@@ -34,6 +49,9 @@ class GenerationResult:
     decode_tps: float = 0.0
     finish_reason: str = ""
     first_logits: Optional[mx.array] = None  # logits that chose the first token, [V]
+    t_start: float = 0.0
+    t_first: float = 0.0
+    t_end: float = 0.0
 
 
 class Coordinator:
@@ -45,72 +63,96 @@ class Coordinator:
         self.n = stage.n_stages
         self.prefill_chunk = prefill_chunk
         self._next_seq = 0
-        self.current = GenerationResult()  # the generation in progress (read on a stop)
+        self._local = deque()  # one rank: results computed at send time
+        self.current = GenerationResult()  # the (first) generation in progress, for a stop
 
-    def new_sequence(self) -> int:
-        """A fresh sequence id."""
-        self._next_seq += 1
-        return self._next_seq
-
-    def forward(self, tokens: list, seq: int, want_logits: bool) -> Optional[mx.array]:
-        """Run `tokens` of sequence `seq` around the ring; last-position logits [V] or None."""
+    def _send(self, seq: int, tokens: list, want: bool):
+        """Embed `tokens` of `seq`, run rank 0's layers, pass them on (or finish locally)."""
         offset = self.stage.offset(seq)
-        h = self.stage.model.embed(mx.array([tokens]))  # [1, L, D]
-        h = self.stage.forward(h, seq, offset)
-        if self.n > 1:
-            flags = FLAG_RETURN if want_logits else 0
-            self.transport.send(1, Header(OP_FORWARD, seq, offset=offset, flags=flags), h)
-            if not want_logits:
-                return None
-            header, h = self.transport.recv(self.n - 1)
-            if header.op == OP_ABORT:
-                names = self.transport.names
-                raise PeerLost(f"{names[header.offset]} failed or was lost (reported by the "
-                               f"ranks after it)")
-            if header.op != OP_FORWARD or header.seq != seq:
-                raise RuntimeError(f"coordinator expected sequence {seq}'s hidden state, got "
-                                   f"op {header.op} for sequence {header.seq}")
-        elif not want_logits:
-            mx.eval(h)
-            return None
-        return self.stage.model.head(h[:, -1:])[0, 0]  # [V]
+        h = self.stage.run(self.stage.model.embed(mx.array([tokens])), seq, offset)  # [1, L, D]
+        if self.n == 1:
+            if want:
+                self._local.append(self._head(h))
+            return
+        flags = FLAG_RETURN if want else 0
+        self.transport.send(1, Header(OP_FORWARD, seq, offset=offset, flags=flags), h)
 
-    def prefill(self, prompt: list, seq: int) -> mx.array:
-        """Feed the prompt in chunks; logits [V] after its last position."""
-        chunks = [prompt[i:i + self.prefill_chunk]
-                  for i in range(0, len(prompt), self.prefill_chunk)]
-        for chunk in chunks[:-1]:
-            self.forward(chunk, seq, want_logits=False)
-        return self.forward(chunks[-1], seq, want_logits=True)
+    def _head(self, h: mx.array) -> mx.array:
+        t0 = time.perf_counter()
+        logits = self.stage.model.head(h[:, -1:])[0, 0]  # [V]
+        mx.eval(logits)
+        self.stage.busy_s += time.perf_counter() - t0
+        return logits
+
+    def _recv(self, seq: int) -> mx.array:
+        """Logits [V] of the oldest outstanding result, which must be sequence `seq`'s."""
+        if self.n == 1:
+            return self._local.popleft()
+        header, h = self.transport.recv(self.n - 1)
+        if header.op == OP_ABORT:
+            raise PeerLost(f"{self.transport.names[header.offset]} failed or was lost "
+                           f"(reported by the ranks after it)")
+        if header.op != OP_FORWARD or header.seq != seq:
+            raise RuntimeError(f"coordinator expected sequence {seq}'s hidden state, got "
+                               f"op {header.op} for sequence {header.seq}")
+        return self._head(h)
+
+    def generate_many(self, requests: list, max_in_flight: Optional[int] = None) -> list:
+        """Generate every request, keeping up to max_in_flight results (default: stages)."""
+        schedule = Schedule(max_in_flight or self.n)
+        states, results, by_seq = [], [], {}
+        for req in requests:
+            self._next_seq += 1
+            st = SeqState(self._next_seq, len(req.prompt), req.max_tokens, self.prefill_chunk)
+            res = GenerationResult(prompt_tokens=len(req.prompt), finish_reason="length")
+            states.append(st)
+            results.append(res)
+            by_seq[st.seq] = (st, req, res)
+        self.current = results[0]
+        while True:
+            action = schedule.next_action(states)
+            if action.kind == DONE:
+                break
+            st, req, res = by_seq[action.seq]
+            if action.kind == SEND:
+                if st.in_prefill:
+                    tokens = req.prompt[st.sent_prompt: st.sent_prompt + action.length]
+                    res.t_start = res.t_start or time.perf_counter()
+                else:
+                    tokens = [res.tokens[-1]]
+                self._send(st.seq, tokens, action.wants_result)
+                schedule.sent(st, action)
+                continue
+            logits = self._recv(st.seq)
+            finished = self._accept(req, res, logits)
+            schedule.received(st, finished)
+            if st.finished:
+                res.t_end = time.perf_counter()
+                self.release(st.seq)
+        for res in results:
+            _rates(res)
+        return results
+
+    def _accept(self, req: Request, res: GenerationResult, logits: mx.array) -> bool:
+        """Sample a token for `res`; True when the sequence ends here."""
+        token = req.sampler(logits)
+        if res.first_logits is None:
+            res.first_logits = logits
+            res.t_first = time.perf_counter()
+        if token in req.eos_ids:
+            res.finish_reason = "eos"
+            return True
+        res.tokens.append(token)
+        if req.on_token is not None and req.on_token(token):
+            res.finish_reason = "stop"
+            return True
+        return len(res.tokens) >= req.max_tokens
 
     def generate(self, prompt: list, max_tokens: int, sampler: Sampler, eos_ids=(),
                  on_token: Optional[Callable[[int], bool]] = None) -> GenerationResult:
-        """Generate up to max_tokens after `prompt`; on_token(id) -> True stops early."""
-        res = self.current = GenerationResult(prompt_tokens=len(prompt))
-        seq = self.new_sequence()
-        t0 = time.perf_counter()
-        logits = self.prefill(prompt, seq)
-        res.first_logits = logits
-        token = sampler(logits)
-        t1 = time.perf_counter()
-        res.ttft_s = t1 - t0
-        res.prefill_tps = len(prompt) / res.ttft_s
-        res.finish_reason = "length"
-        while True:
-            if token in eos_ids:
-                res.finish_reason = "eos"
-                break
-            res.tokens.append(token)
-            if on_token is not None and on_token(token):
-                res.finish_reason = "stop"
-                break
-            if len(res.tokens) >= max_tokens:
-                break
-            token = sampler(self.forward([token], seq, want_logits=True))
-        steps = max(len(res.tokens) - 1, 0)
-        res.decode_tps = steps / (time.perf_counter() - t1) if steps else 0.0
-        self.release(seq)
-        return res
+        """One sequence; on_token(id) -> True stops early."""
+        return self.generate_many([Request(prompt, max_tokens, sampler, frozenset(eos_ids),
+                                           on_token)])[0]
 
     def release(self, seq: int):
         """Free the sequence's caches on every stage."""
@@ -123,3 +165,12 @@ class Coordinator:
         if self.n > 1:
             self.transport.send(1, Header(OP_STOP))
             self.transport.recv(self.n - 1, timeout)
+
+
+def _rates(res: GenerationResult):
+    """Fill ttft and rates from the timestamps."""
+    res.ttft_s = res.t_first - res.t_start
+    res.prefill_tps = res.prompt_tokens / res.ttft_s if res.ttft_s > 0 else 0.0
+    steps = len(res.tokens) - 1
+    span = res.t_end - res.t_first
+    res.decode_tps = steps / span if steps > 0 and span > 0 else 0.0

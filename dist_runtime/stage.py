@@ -8,6 +8,8 @@ nothing of sockets: the loop at the bottom pairs it with a Transport.
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 
 from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STOP,
@@ -21,6 +23,7 @@ class Stage:
         self.model, self.index, self.n_stages = model, index, n_stages
         self.layer_range = model.layer_range
         self.caches: dict = {}  # sequence id -> list of caches, one per owned layer
+        self.busy_s = 0.0  # seconds spent computing (for the benchmark's busy fraction)
 
     @property
     def is_last(self) -> bool:
@@ -39,6 +42,14 @@ class Stage:
             raise TransportError(f"stage {self.index}: sequence {seq} arrives at position "
                                  f"{offset} but its cache holds {caches[0].offset}")
         return self.model.forward_layers(h, caches)
+
+    def run(self, h: mx.array, seq: int, offset: int) -> mx.array:
+        """forward() evaluated, with its time added to busy_s."""
+        t0 = time.perf_counter()
+        out = self.forward(h, seq, offset)
+        mx.eval(out)
+        self.busy_s += time.perf_counter() - t0
+        return out
 
     def release(self, seq: int):
         """Free sequence `seq`'s caches."""
@@ -70,13 +81,11 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
             raise
         timeout = None
         if header.op == OP_FORWARD:
-            out = stage.forward(h, header.seq, header.offset)
+            out = stage.run(h, header.seq, header.offset)
             if not stage.is_last:
                 transport.send(nxt, header, out)
             elif header.flags & FLAG_RETURN:
                 transport.send(nxt, header, out[:, -1:])
-            else:
-                mx.eval(out)  # nothing travels back; still finish the work (fills caches)
             continue
         if header.op == OP_RELEASE:
             stage.release(header.seq)
