@@ -20,8 +20,8 @@ import mlx.core as mx
 from dist_runtime.sampling import Sampler
 from dist_runtime.schedule import DONE, SEND, Schedule, SeqState
 from dist_runtime.stage import Stage
-from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STOP,
-                                    Header, PeerLost)
+from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STATS,
+                                    OP_STOP, STATS_FIELDS, Header, PeerLost)
 
 PREFILL_CHUNK = 512  # prompt positions per message: bounds activation memory, feeds the ring
 
@@ -159,6 +159,21 @@ class Coordinator:
         self.stage.release(seq)
         if self.n > 1:
             self.transport.send(1, Header(OP_RELEASE, seq))
+
+    def collect_stats(self) -> list:
+        """Per rank [busy seconds, peak memory GB] since the last collection (then reset).
+
+        The request goes round the ring behind all earlier work, so every stage has
+        finished what was sent before it when it adds its numbers.
+        """
+        table = mx.zeros((self.n, STATS_FIELDS), mx.float32)
+        table = self.stage.add_stats(table)
+        if self.n > 1:
+            self.transport.send(1, Header(OP_STATS), table)
+            header, table = self.transport.recv(self.n - 1)
+            if header.op != OP_STATS:
+                raise RuntimeError(f"expected the stats message back, got op {header.op}")
+        return table.tolist()
 
     def stop(self, timeout: float = 30.0):
         """Tell every stage to exit and wait until the message has gone round the ring."""

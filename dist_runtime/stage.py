@@ -12,8 +12,8 @@ import time
 
 import mlx.core as mx
 
-from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STOP,
-                                    Header, PeerLost, TransportError)
+from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STATS,
+                                    OP_STOP, Header, PeerLost, TransportError)
 
 
 class Stage:
@@ -51,6 +51,19 @@ class Stage:
         self.busy_s += time.perf_counter() - t0
         return out
 
+    def take_stats(self) -> list:
+        """[busy seconds, peak memory GB] since the last call; resets both."""
+        out = [self.busy_s, mx.get_peak_memory() / 1e9]
+        self.busy_s = 0.0
+        mx.reset_peak_memory()
+        return out
+
+    def add_stats(self, table: mx.array) -> mx.array:
+        """Write this stage's stats into its row of a [ranks, STATS_FIELDS] table."""
+        table = mx.array(table)
+        table[self.index] = mx.array(self.take_stats(), mx.float32)
+        return table
+
     def release(self, seq: int):
         """Free sequence `seq`'s caches."""
         self.caches.pop(seq, None)
@@ -86,6 +99,9 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
                 transport.send(nxt, header, out)
             elif header.flags & FLAG_RETURN:
                 transport.send(nxt, header, out[:, -1:])
+            continue
+        if header.op == OP_STATS:
+            transport.send(nxt, header, stage.add_stats(h))
             continue
         if header.op == OP_RELEASE:
             stage.release(header.seq)

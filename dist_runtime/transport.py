@@ -22,7 +22,8 @@ from typing import Optional
 import mlx.core as mx
 
 HEADER_LEN = 8
-OP_FORWARD, OP_RELEASE, OP_STOP, OP_ABORT = 1, 2, 3, 4
+OP_FORWARD, OP_RELEASE, OP_STOP, OP_ABORT, OP_STATS = 1, 2, 3, 4, 5
+STATS_FIELDS = 2  # per rank in an OP_STATS payload: busy seconds, peak memory GB
 FLAG_RETURN = 1  # the last stage sends the last position's hidden state back to rank 0
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 EXIT_PEER_LOST = 3  # exit code of a rank that gave up waiting for another
@@ -124,7 +125,7 @@ class Transport:
 
     def send(self, dst: int, header: Header, payload: Optional[mx.array] = None):
         """Send the header, then the payload [batch, length, width] if the op has one."""
-        if payload is not None:
+        if payload is not None and header.op == OP_FORWARD:
             header.dtype = DTYPES.index(payload.dtype)
             header.width = payload.shape[-1]
             header.batch, header.length = payload.shape[0], payload.shape[1]
@@ -142,6 +143,11 @@ class Transport:
         h = mx.distributed.recv((HEADER_LEN,), mx.int32, src, group=self.group)
         self._wait(h, what, t, peer=src)
         header = Header.parse(h)
+        if header.op == OP_STATS:
+            stats = mx.distributed.recv((self.size, STATS_FIELDS), mx.float32, src,
+                                        group=self.group)
+            self._wait(stats, what, t, peer=src)
+            return header, stats
         if header.op != OP_FORWARD:
             return header, None
         if header.width != self.width or DTYPES[header.dtype] != self.dtype:

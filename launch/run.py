@@ -41,9 +41,17 @@ DEFAULT_TIMEOUT = 120.0  # s a rank waits for a neighbour mid-generation
 FIRST_TIMEOUT = 1800.0  # s for the first message: other ranks may still load 100 GB
 
 
-def parse_args(argv=None):
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def layer_counts(text: str) -> list:
+    """argparse type for --split: '10,12,12' -> [10, 12, 12]."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--split must be comma-separated layer counts, e.g. 10,12; got {text!r}")
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    """Options that choose the model and how it is split (shared with launch/bench.py)."""
     p.add_argument("--model", required=True, help="alias (glm4_moe, llama4, glm, openelm, "
                    "lille-130m), local folder, or Hugging Face repo id")
     p.add_argument("--synthetic", metavar="PRESET", help="random weights of a preset (tiny, "
@@ -53,6 +61,19 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="synthetic weights' dtype")
     p.add_argument("--bits", type=int, choices=[4, 8], help="quantize synthetic weights")
+    p.add_argument("--split", type=layer_counts,
+                   help="layers per rank, e.g. 10,12,12,12 (default: by memory)")
+    p.add_argument("--max-kv-tokens", type=int, default=4096,
+                   help="KV-cache positions to reserve memory for when planning")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds to wait for another rank before giving up")
+
+
+def parse_args(argv=None):
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
     p.add_argument("--prompt", default="Hello")
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--temp", type=float, default=0.0)
@@ -64,21 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens regardless")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is")
-    p.add_argument("--split", help="layers per rank, e.g. 10,12,12,12 (default: by memory)")
-    p.add_argument("--max-kv-tokens", type=int, default=4096,
-                   help="KV-cache positions to reserve memory for when planning")
-    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help="seconds to wait for another rank before giving up")
     p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
     args = p.parse_args(argv)
     if args.max_tokens < 1:
         p.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.split:
-        try:
-            args.split = [int(s) for s in args.split.split(",")]
-        except ValueError:
-            p.error(f"--split must be comma-separated layer counts, e.g. 10,12; got {args.split!r}")
     return args
 
 

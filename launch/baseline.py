@@ -1,0 +1,94 @@
+"""mlx-lm's own pipeline mode on the same weights and ranks: the benchmark's baseline.
+
+Runs only where mlx-lm is installed. mlx-lm splits the layers evenly in reverse rank
+order and all-gathers the hidden state after the last stage, so every rank runs the same
+generation loop in lockstep. Synthetic weights are filled by name with the same seeded
+values our stages use (dist_runtime/synthetic.py), so both sides compute on identical
+numbers. Only single-sequence rows: mlx-lm's pipeline generates one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from dist_runtime.synthetic import param_values, quantization_predicate
+
+
+def mlxlm_model(args, source, group, config):
+    """(model, tokenizer) of mlx-lm in pipeline mode, holding this rank's share."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from mlx_lm.utils import _get_classes, sharded_load
+
+    if not args.synthetic:
+        return sharded_load(str(source.path), group, None)[:2]
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if not hasattr(getattr(model, "model", None), "pipeline"):
+        raise NotImplementedError(f"mlx-lm has no pipeline mode for {config['model_type']}")
+    model.model.pipeline(group)
+    model.set_dtype(source.dtype)
+    params = [(n, param_values(n, p.shape, source.seed, source.dtype))
+              for n, p in tree_flatten(model.parameters())]
+    model.load_weights(params, strict=True)
+    if source.bits:
+        nn.quantize(model, source.group_size, source.bits,
+                    class_predicate=quantization_predicate(source.group_size))
+    mx.eval(model.parameters())
+    return model, load_tokenizer(source.tokenizer_folder())
+
+
+def run_baseline(args, source, group, config) -> list:
+    """Baseline rows (concurrency 1), or one row with the error that prevented them."""
+    rank = group.rank()
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        return []
+    from mlx_lm.generate import stream_generate
+
+    try:
+        model, tokenizer = mlxlm_model(args, source, group, config)
+    except Exception as e:  # no pipeline mode for this architecture, etc.
+        return [_error_row(args, e)] if rank == 0 else []
+    tokenizer._eos_token_ids = set()  # ignore EOS, as our rows do
+    vocab = config.get("text_config", config)["vocab_size"]
+    rows = []
+    warm = np.random.default_rng(999).integers(0, vocab, min(args.prompt_lens)).tolist()
+    try:
+        for _ in stream_generate(model, tokenizer, warm, max_tokens=4):
+            pass
+    except Exception as e:  # e.g. CUDA: "Recv has no CUDA implementation"
+        return [_error_row(args, e)] if rank == 0 else []
+    for P in args.prompt_lens:
+        for G in args.gen_lens:
+            prompt = np.random.default_rng(1000).integers(0, vocab, P).tolist()
+            mx.reset_peak_memory()
+            t0 = time.perf_counter()
+            last = None
+            for last in stream_generate(model, tokenizer, prompt, max_tokens=G):
+                pass
+            wall = time.perf_counter() - t0
+            row = {"impl": "mlx-lm pipeline", "prompt_len": P, "gen_len": G, "concurrency": 1,
+                   "ttft_s": P / last.prompt_tps, "prefill_tps": last.prompt_tps,
+                   "decode_tps_per_seq": last.generation_tps,
+                   "decode_tps_aggregate": last.generation_tps,
+                   "peak_memory_gb": [round(last.peak_memory, 3)], "wall_s": wall}
+            rows.append(row)
+            if rank == 0:
+                from launch.bench import format_row
+
+                print(format_row(row), flush=True)
+    return rows if rank == 0 else []
+
+
+def _error_row(args, e: Exception) -> dict:
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    print(f"baseline (mlx-lm pipeline) did not run: {msg}", file=sys.stderr, flush=True)
+    return {"impl": "mlx-lm pipeline", "prompt_len": 0, "gen_len": 0, "concurrency": 1,
+            "error": msg}

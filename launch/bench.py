@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Benchmark the pipeline: sweep prompt length, generation length and concurrency.
+
+    mlx.launch --hostfile hostfiles/localhost-2.json launch/bench.py --model glm4_moe \
+        --synthetic tiny --prompt-lens 128,1024 --gen-lens 32 --concurrency 1,4
+
+Prompts are random ids of exactly the asked length and EOS is ignored, so every row
+does the same work. Each row: time to first token, prefill tokens/s, decode tokens/s
+per sequence and in aggregate, each stage's busy fraction, each rank's peak memory.
+Where mlx-lm is installed, its own pipeline mode runs on the same weights and ranks in
+the same job, as the baseline rows (single sequence). Writes JSON, CSV and a PNG plot
+to --out and prints a table on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dist_runtime.lifecycle import Lifecycle, block_signals  # noqa: E402
+
+block_signals()  # before mlx starts its threads: see dist_runtime/lifecycle.py
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dist_runtime.cluster import gather_infos, init_group  # noqa: E402
+from dist_runtime.coordinator import Coordinator, Request  # noqa: E402
+from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
+from dist_runtime.stage import stage_loop  # noqa: E402
+from dist_runtime.transport import Transport  # noqa: E402
+from launch.run import (FIRST_TIMEOUT, activation_dtype, add_model_args,  # noqa: E402
+                        hidden_width, setup)
+
+WARMUP_TOKENS = 4  # a short generation first: compiles kernels, allocates caches
+
+
+def ints(text: str) -> list:
+    """'128,1024' -> [128, 1024]."""
+    return [int(v) for v in text.split(",") if v]
+
+
+def parse_args(argv=None):
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--prompt-lens", type=ints, default=[128])
+    p.add_argument("--gen-lens", type=ints, default=[32])
+    p.add_argument("--concurrency", type=ints, default=[1])
+    p.add_argument("--in-flight", type=int, help="results outstanding at once (default: "
+                   "max(ranks, concurrency))")
+    p.add_argument("--baseline", choices=["auto", "off"], default="auto",
+                   help="run mlx-lm's pipeline mode too, where it is installed")
+    p.add_argument("--out", default="runs/bench", help="folder for JSON, CSV and PNG")
+    p.add_argument("--label", default="", help="a note stored with every row")
+    return p.parse_args(argv)
+
+
+def prompt_ids(vocab: int, length: int, index: int) -> list:
+    """A deterministic random prompt of exactly `length` ids."""
+    return np.random.default_rng(1000 + index).integers(0, vocab, length).tolist()
+
+
+def vocab_size(config: dict) -> int:
+    """The model's vocabulary size."""
+    return config.get("text_config", config)["vocab_size"]
+
+
+def measure(coord: Coordinator, vocab: int, P: int, G: int, C: int, in_flight: int) -> dict:
+    """One sweep point on our runtime."""
+    greedy = SamplingParams()
+    reqs = [Request(prompt_ids(vocab, P, i), G, Sampler(greedy)) for i in range(C)]
+    coord.collect_stats()  # reset busy time and peak memory
+    t0 = time.perf_counter()
+    results = coord.generate_many(reqs, max_in_flight=in_flight)
+    wall = time.perf_counter() - t0
+    stats = coord.collect_stats()
+    first = min(r.t_first for r in results)
+    end = max(r.t_end for r in results)
+    decoded = sum(len(r.tokens) - 1 for r in results)
+    return {
+        "impl": "pipeline", "prompt_len": P, "gen_len": G, "concurrency": C,
+        "ttft_s": float(np.mean([r.ttft_s for r in results])),
+        "prefill_tps": C * P / (max(r.t_first for r in results) - t0),
+        "decode_tps_per_seq": float(np.mean([r.decode_tps for r in results])),
+        "decode_tps_aggregate": decoded / (end - first) if end > first else 0.0,
+        "busy_fraction": [round(s[0] / wall, 3) for s in stats],
+        "peak_memory_gb": [round(s[1], 3) for s in stats],
+        "wall_s": wall,
+    }
+
+
+def run_ours(args, coord, config, n_ranks) -> list:
+    """Every sweep point, after one warm-up."""
+    vocab = vocab_size(config)
+    warm = [Request(prompt_ids(vocab, min(args.prompt_lens), -1), WARMUP_TOKENS,
+                    Sampler(SamplingParams()))]
+    coord.generate_many(warm)
+    rows = []
+    for P in args.prompt_lens:
+        for G in args.gen_lens:
+            for C in args.concurrency:
+                row = measure(coord, vocab, P, G, C, args.in_flight or max(n_ranks, C))
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(r: dict) -> str:
+    """One table line."""
+    if "error" in r:
+        return f"{r['impl']:<18} P={r['prompt_len']:<6} G={r['gen_len']:<5} error: {r['error']}"
+    busy = "/".join(f"{b:.2f}" for b in r.get("busy_fraction", [])) or "-"
+    mem = "/".join(f"{m:.2f}" for m in r.get("peak_memory_gb", [])) or "-"
+    return (f"{r['impl']:<18} P={r['prompt_len']:<6} G={r['gen_len']:<5} C={r['concurrency']:<3} "
+            f"ttft={r['ttft_s']:8.3f}s prefill={r['prefill_tps']:9.1f} tok/s "
+            f"decode/seq={r['decode_tps_per_seq']:7.1f} agg={r['decode_tps_aggregate']:7.1f} "
+            f"busy={busy} peakGB={mem}")
+
+
+def write_outputs(out: Path, rows: list, meta: dict):
+    """JSON (rows + meta), CSV, and a PNG of decode rates if matplotlib is there."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    keys = sorted({k for r in rows for k in r})
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for impl in sorted({r["impl"] for r in rows}):
+        mine = [r for r in rows if r["impl"] == impl and "error" not in r]
+        for G in sorted({r["gen_len"] for r in mine}):
+            sel = sorted((r for r in mine if r["gen_len"] == G), key=lambda r: r["concurrency"])
+            ones = sorted((r for r in sel if r["concurrency"] == 1), key=lambda r: r["prompt_len"])
+            if ones:
+                axes[0].plot([r["prompt_len"] for r in ones], [r["ttft_s"] for r in ones],
+                             marker="o", label=f"{impl} G={G}")
+            by_c = {}
+            for r in sel:
+                by_c.setdefault(r["concurrency"], r)
+            axes[1].plot(list(by_c), [r["decode_tps_aggregate"] for r in by_c.values()],
+                         marker="o", label=f"{impl} G={G}")
+    axes[0].set(xlabel="prompt tokens", ylabel="time to first token (s)", xscale="log")
+    axes[1].set(xlabel="concurrent sequences", ylabel="aggregate decode tokens/s")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(meta.get("title", ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    """Entry point on every rank."""
+    from launch.baseline import run_baseline
+
+    life = Lifecycle()
+    args = parse_args(argv)
+    group = init_group()
+    rank, n = group.rank(), group.size()
+    infos = gather_infos(group)
+    life.me = infos[rank].name
+    source, plan, stage, config, load_s = setup(args, group, infos)
+    transport = None
+    if n > 1:
+        transport = Transport(group, hidden_width(config), activation_dtype(stage.model),
+                              [i.name for i in infos], args.timeout, life)
+    rows = []
+    if rank == 0:
+        life.set("benchmarking")
+        coord = Coordinator(stage, transport, args.prefill_chunk)
+        rows = run_ours(args, coord, config, n)
+        coord.stop()
+    else:
+        stage_loop(stage, transport, FIRST_TIMEOUT)
+    del stage  # free our weights before the baseline loads its own
+    mx.clear_cache()
+    if args.baseline == "auto":
+        rows += run_baseline(args, source, group, config)
+    if rank == 0:
+        meta = {"ranks": n, "hosts": [i.host for i in infos], "mlx": mx.__version__,
+                "device": str(mx.default_device()), "model": args.model,
+                "synthetic": args.synthetic, "bits": args.bits, "dtype": args.dtype,
+                "plan": plan.describe(), "load_s": load_s, "label": args.label,
+                "title": f"{args.model} {args.synthetic or ''} {args.bits or ''}b, {n} ranks, "
+                         f"mlx {mx.__version__}, {mx.default_device()}"}
+        write_outputs(Path(args.out), rows, meta)
+        print(f"wrote {args.out}/results.json, results.csv, results.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The schedule, played on simulated stages: no hosts needed."""
+
+import pytest
+
+from dist_runtime.schedule import (DONE, RECV, SEND, Schedule, SeqState, busy_fraction,
+                                   format_grid, simulate)
+
+
+def seqs(n, prompt, gen, chunk):
+    return [SeqState(i + 1, prompt, gen, chunk) for i in range(n)]
+
+
+def test_prompt_chunks_overlap_across_stages():
+    grid, _ = simulate(Schedule(1), seqs(1, 40, 1, 10), n_stages=3)
+    # stage k works on chunk i while stage k+1 works on chunk i-1
+    assert grid[2] == ["A3", "A2", "A1"]
+    assert grid[3] == ["A4", "A3", "A2"]
+    # 4 chunks through 3 stages: 4 + 3 - 1 steps, not 4 * 3
+    assert len(grid) == 6
+
+
+def test_one_sequence_decode_uses_one_stage_at_a_time():
+    grid, _ = simulate(Schedule(3), seqs(1, 5, 6, 10), n_stages=3)
+    decode_rows = [row for row in grid if "Ad" in row]
+    assert all(sum(1 for c in row if c) == 1 for row in decode_rows)
+
+
+@pytest.mark.parametrize("n_stages", [2, 3, 4])
+def test_as_many_sequences_as_stages_keep_every_stage_busy(n_stages):
+    grid, _ = simulate(Schedule(n_stages), seqs(n_stages, 8, 40, 8), n_stages)
+    steady = grid[n_stages: -n_stages]
+    assert steady and all(all(c for c in row) for row in steady)
+    assert min(busy_fraction(grid)) > 0.9
+
+
+def test_in_flight_limit_is_respected():
+    sched = Schedule(2)
+    states = seqs(4, 3, 5, 8)
+    sent = 0
+    while True:
+        a = sched.next_action(states)
+        if a.kind == DONE:
+            break
+        s = next(x for x in states if x.seq == a.seq)
+        if a.kind == SEND:
+            sched.sent(s, a)
+            sent += 1
+        else:
+            sched.received(s, finished=False)
+        assert len(sched.outstanding) <= 2
+    assert all(s.finished and s.generated == 5 for s in states)
+    assert sent == 4 * 5  # one prompt chunk + 4 decode steps each
+
+
+def test_results_come_back_in_send_order_and_finishing_one_keeps_others():
+    sched = Schedule(3)
+    states = seqs(3, 4, 10, 8)
+    order = []
+    for _ in range(3):
+        a = sched.next_action(states)
+        assert a.kind == SEND
+        sched.sent(next(s for s in states if s.seq == a.seq), a)
+        order.append(a.seq)
+    a = sched.next_action(states)
+    assert a.kind == RECV and a.seq == order[0]
+    sched.received(states[0], finished=True)  # EOS on the first sequence
+    remaining = []
+    while (a := sched.next_action(states)).kind != DONE:
+        s = next(x for x in states if x.seq == a.seq)
+        if a.kind == SEND:
+            sched.sent(s, a)
+        else:
+            sched.received(s, finished=False)
+        remaining.append(a.seq)
+    assert 1 not in remaining and {2, 3} <= set(remaining)
+
+
+def test_grid_prints_one_column_per_rank():
+    grid, _ = simulate(Schedule(2), seqs(2, 16, 2, 8), n_stages=2)
+    text = format_grid(grid)
+    assert text.splitlines()[0].split("|")[1].split() == ["r0", "r1"]
+    assert len(text.splitlines()) == len(grid) + 2
