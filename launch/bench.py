@@ -23,9 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dist_runtime.devices import pin_gpu  # noqa: E402
 from dist_runtime.lifecycle import Lifecycle, block_signals  # noqa: E402
 
 block_signals()  # before mlx starts its threads: see dist_runtime/lifecycle.py
+pin_gpu()  # before mlx starts CUDA: one GPU per rank
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402

@@ -21,9 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mlx.launch runs us as a file
 
+from dist_runtime.devices import pin_gpu  # noqa: E402
 from dist_runtime.lifecycle import Lifecycle, block_signals  # noqa: E402
 
 block_signals()  # before mlx starts its threads: see dist_runtime/lifecycle.py
+pin_gpu()  # before mlx starts CUDA: one GPU per rank
 
 import mlx.core as mx  # noqa: E402
 
@@ -179,8 +181,9 @@ def run_coordinator(args, life, source, stage, config, transport, summarise):
             full = full[: full.index(s)]
     if not args.json:
         print(tail, flush=True)
+    peaks = [round(row[1], 4) for row in coord.collect_stats()]  # through the ring: any device
     coord.stop()
-    return res, full, len(prompt)
+    return res, full, len(prompt), peaks
 
 
 def check_context(config: dict, n_prompt: int, max_tokens: int):
@@ -189,17 +192,6 @@ def check_context(config: dict, n_prompt: int, max_tokens: int):
     if ctx and n_prompt >= ctx:
         raise ValueError(f"the prompt is {n_prompt} tokens but the model's context is {ctx} "
                          f"(max_position_embeddings); shorten the prompt")
-
-
-def peak_memories(group) -> list:
-    """Every rank's peak memory in GB (one gather)."""
-    import numpy as np
-
-    buf = np.zeros((group.size(),), np.float32)
-    buf[group.rank()] = mx.get_peak_memory() / 1e9
-    if group.size() == 1:
-        return buf.tolist()
-    return np.array(mx.distributed.all_sum(mx.array(buf), group=group, stream=mx.cpu)).tolist()
 
 
 def summary(res, text, n_prompt, peaks, load_s, infos, plan) -> dict:
@@ -234,16 +226,14 @@ def main(argv=None) -> int:
         if rank != 0:
             life.set("serving as a stage")
             stage_loop(stage, transport, FIRST_TIMEOUT)
-            peak_memories(group)
             print(f"[{me}] finished", file=sys.stderr, flush=True)
             return 0
         life.set("generating")
-        res, text, n_prompt = run_coordinator(args, life, source, stage, config, transport,
+        res, text, n_prompt, peaks = run_coordinator(args, life, source, stage, config, transport,
                                               lambda r, t, n: summary(r, t, n, [], load_s,
                                                                       infos, plan))
     except USER_ERRORS + (PeerLost,) as e:
         return fail(me, e, rank, abort=transport if rank == 0 else None)
-    peaks = peak_memories(group)
     if args.json:
         print(json.dumps(summary(res, text, n_prompt, peaks, load_s, infos, plan)), flush=True)
     print(f"[{me}] finished", file=sys.stderr, flush=True)

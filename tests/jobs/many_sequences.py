@@ -12,9 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from dist_runtime.devices import pin_gpu  # noqa: E402
 from dist_runtime.lifecycle import Lifecycle, block_signals  # noqa: E402
 
 block_signals()
+pin_gpu()
 
 import argparse  # noqa: E402
 
