@@ -55,40 +55,55 @@ def run_baseline(args, source, group, config) -> list:
     try:
         model, tokenizer = mlxlm_model(args, source, group, config)
     except Exception as e:  # no pipeline mode for this architecture, etc.
-        return [_error_row(args, e)] if rank == 0 else []
+        return _error_rows(e, rank)
     tokenizer._eos_token_ids = set()  # ignore EOS, as our rows do
     vocab = config.get("text_config", config)["vocab_size"]
     rows = []
-    warm = np.random.default_rng(999).integers(0, vocab, min(args.prompt_lens)).tolist()
+    from launch.bench import sweep
+
+    todo = sorted({(P, G) for P, G, _ in sweep(args)})
+    warm_len = min(max(P for P, _ in todo), 2 * args.prefill_chunk)
+    warm = np.random.default_rng(999).integers(0, vocab, warm_len).tolist()
     try:
         for _ in stream_generate(model, tokenizer, warm, max_tokens=4):
             pass
+        barrier(group)
     except Exception as e:  # e.g. CUDA: "Recv has no CUDA implementation"
-        return [_error_row(args, e)] if rank == 0 else []
-    for P in args.prompt_lens:
-        for G in args.gen_lens:
-            prompt = np.random.default_rng(1000).integers(0, vocab, P).tolist()
-            mx.reset_peak_memory()
-            t0 = time.perf_counter()
-            last = None
-            for last in stream_generate(model, tokenizer, prompt, max_tokens=G):
-                pass
-            wall = time.perf_counter() - t0
-            row = {"impl": "mlx-lm pipeline", "prompt_len": P, "gen_len": G, "concurrency": 1,
-                   "ttft_s": P / last.prompt_tps, "prefill_tps": last.prompt_tps,
-                   "decode_tps_per_seq": last.generation_tps,
-                   "decode_tps_aggregate": last.generation_tps,
-                   "peak_memory_gb": [round(last.peak_memory, 3)], "wall_s": wall}
-            rows.append(row)
-            if rank == 0:
-                from launch.bench import format_row
+        return _error_rows(e, rank)
+    for P, G in todo:
+        prompt = np.random.default_rng(1000).integers(0, vocab, P).tolist()
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        last = None
+        for last in stream_generate(model, tokenizer, prompt, max_tokens=G):
+            pass
+        wall = time.perf_counter() - t0
+        barrier(group)
+        impl = "mlx-lm pipeline" if group.size() > 1 else "mlx-lm"
+        row = {"impl": impl, "prompt_len": P, "gen_len": G, "concurrency": 1,
+               "ttft_s": P / last.prompt_tps, "prefill_tps": last.prompt_tps,
+               "decode_tps_per_seq": last.generation_tps,
+               "decode_tps_aggregate": last.generation_tps,
+               "peak_memory_gb": [round(last.peak_memory, 3)], "wall_s": wall}
+        rows.append(row)
+        if rank == 0:
+            from launch.bench import format_row
 
-                print(format_row(row), flush=True)
+            print(format_row(row), flush=True)
     return rows if rank == 0 else []
 
 
-def _error_row(args, e: Exception) -> dict:
+def barrier(group):
+    """Wait for every rank. mlx-lm's loop has already queued the next step's send/recv
+    when it stops, so a rank that exited at once would break its peers' last step."""
+    mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))
+
+
+def _error_rows(e: Exception, rank: int) -> list:
+    """Say on every rank why the baseline did not run; rank 0 keeps it as a row."""
     msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    print(f"baseline (mlx-lm pipeline) did not run: {msg}", file=sys.stderr, flush=True)
-    return {"impl": "mlx-lm pipeline", "prompt_len": 0, "gen_len": 0, "concurrency": 1,
-            "error": msg}
+    print(f"[rank {rank}] baseline (mlx-lm) did not run: {msg}", file=sys.stderr, flush=True)
+    if rank != 0:
+        return []
+    return [{"impl": "mlx-lm pipeline", "prompt_len": 0, "gen_len": 0, "concurrency": 1,
+             "error": msg}]

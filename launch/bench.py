@@ -48,6 +48,21 @@ def ints(text: str) -> list:
     return [int(v) for v in text.split(",") if v]
 
 
+def points(text: str) -> list:
+    """'4096:64:1,128:64:16' -> [(4096, 64, 1), (128, 64, 16)]."""
+    try:
+        return [tuple(int(v) for v in t.split(":")) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--points wants P:G:C triples, got {text!r}")
+
+
+def sweep(args) -> list:
+    """The (prompt, generation, concurrency) points to measure."""
+    if args.points:
+        return args.points
+    return [(P, G, C) for P in args.prompt_lens for G in args.gen_lens for C in args.concurrency]
+
+
 def parse_args(argv=None):
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -55,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-lens", type=ints, default=[128])
     p.add_argument("--gen-lens", type=ints, default=[32])
     p.add_argument("--concurrency", type=ints, default=[1])
+    p.add_argument("--points", type=points, help="explicit P:G:C triples instead of the sweep, "
+                   "e.g. 4096:64:1,128:64:16")
     p.add_argument("--in-flight", type=int, help="results outstanding at once (default: "
                    "max(ranks, concurrency))")
     p.add_argument("--baseline", choices=["auto", "off"], default="auto",
@@ -101,16 +118,14 @@ def measure(coord: Coordinator, vocab: int, P: int, G: int, C: int, in_flight: i
 def run_ours(args, coord, config, n_ranks) -> list:
     """Every sweep point, after one warm-up."""
     vocab = vocab_size(config)
-    warm = [Request(prompt_ids(vocab, min(args.prompt_lens), -1), WARMUP_TOKENS,
-                    Sampler(SamplingParams()))]
-    coord.generate_many(warm)
+    warm_len = min(max(P for P, _, _ in sweep(args)), 2 * args.prefill_chunk)
+    warm = [Request(prompt_ids(vocab, warm_len, -1), WARMUP_TOKENS, Sampler(SamplingParams()))]
+    coord.generate_many(warm)  # full-size chunks and decode: compiles every kernel shape
     rows = []
-    for P in args.prompt_lens:
-        for G in args.gen_lens:
-            for C in args.concurrency:
-                row = measure(coord, vocab, P, G, C, args.in_flight or max(n_ranks, C))
-                rows.append(row)
-                print(format_row(row), flush=True)
+    for P, G, C in sweep(args):
+        row = measure(coord, vocab, P, G, C, args.in_flight or max(n_ranks, C))
+        rows.append(row)
+        print(format_row(row), flush=True)
     return rows
 
 
