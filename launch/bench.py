@@ -204,9 +204,13 @@ def main(argv=None) -> int:
         coord = Coordinator(stage, transport, args.prefill_chunk)
         rows = run_ours(args, coord, config, n)
         coord.stop()
+        del coord
     else:
         stage_loop(stage, transport, FIRST_TIMEOUT)
     del stage  # free our weights before the baseline loads its own
+    import gc
+
+    gc.collect()
     mx.clear_cache()
     if args.baseline == "auto":
         rows += run_baseline(args, source, group, config)
