@@ -77,9 +77,27 @@ def synthetic_model(config: dict, seed: int, layers: range = None, has_embed=Tru
     from dist_runtime.checkpoint import build_model
 
     model, args = build_model(config, layers, has_embed, has_head)
+    fill_model(model, seed, dtype, bits, group_size)
+    if bits:
+        config = dict(config, quantization={"group_size": group_size, "bits": bits})
+    return model, args, config
+
+
+def fill_model(model: nn.Module, seed: int, dtype=mx.float32, bits: int = None,
+               group_size: int = 64, layers_path: str = None):
+    """Give a built model (ours, or mlx-lm's for the baseline) its seeded weights in place.
+
+    Works on any module tree whose layer list (at `layers_path`, found by itself for our
+    models) holds None for layers it does not own.
+    """
     pred = quantization_predicate(group_size)
-    prefix = _layers_prefix(model)
-    for i, module in model.owned_layers():
+    prefix = layers_path or _layers_prefix(model)
+    layer_list = model
+    for part in prefix.split("."):
+        layer_list = getattr(layer_list, part)
+    for i, module in enumerate(layer_list):
+        if module is None:
+            continue
         _fill(module, f"{prefix}.{i}", seed, dtype)
         if bits:
             nn.quantize(module, group_size, bits, class_predicate=pred)
@@ -91,9 +109,7 @@ def synthetic_model(config: dict, seed: int, layers: range = None, has_embed=Tru
         # Non-layer modules (embedding, head) only: layers are already packed.
         nn.quantize(model, group_size, bits,
                     class_predicate=lambda p, m: _layer_of(p + ".") is None and pred(p, m))
-        config = dict(config, quantization={"group_size": group_size, "bits": bits})
     mx.eval(model.parameters())
-    return model, args, config
 
 
 def _layer_of(name: str):

@@ -13,11 +13,9 @@ import sys
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from dist_runtime.synthetic import param_values, quantization_predicate
+from dist_runtime.synthetic import fill_model
 
 
 def mlxlm_model(args, source, group, config):
@@ -32,14 +30,9 @@ def mlxlm_model(args, source, group, config):
     if not hasattr(getattr(model, "model", None), "pipeline"):
         raise NotImplementedError(f"mlx-lm has no pipeline mode for {config['model_type']}")
     model.model.pipeline(group)
-    model.set_dtype(source.dtype)
-    params = [(n, param_values(n, p.shape, source.seed, source.dtype))
-              for n, p in tree_flatten(model.parameters())]
-    model.load_weights(params, strict=True)
-    if source.bits:
-        nn.quantize(model, source.group_size, source.bits,
-                    class_predicate=quantization_predicate(source.group_size))
-    mx.eval(model.parameters())
+    # mlx-lm's `layers` property is a slice copy in pipeline mode: name the real list.
+    fill_model(model, source.seed, source.dtype, source.bits, source.group_size,
+               layers_path="model.layers")
     return model, load_tokenizer(source.tokenizer_folder())
 
 

@@ -74,8 +74,9 @@ def parse_args(argv=None):
                    "e.g. 4096:64:1,128:64:16")
     p.add_argument("--in-flight", type=int, help="results outstanding at once (default: "
                    "max(ranks, concurrency))")
-    p.add_argument("--baseline", choices=["auto", "off"], default="auto",
-                   help="run mlx-lm's pipeline mode too, where it is installed")
+    p.add_argument("--baseline", choices=["auto", "off", "only"], default="auto",
+                   help="run mlx-lm's pipeline mode too, where it is installed ('only': "
+                   "skip our runtime, e.g. when both would not fit in memory at once)")
     p.add_argument("--out", default="runs/bench", help="folder for JSON, CSV and PNG")
     p.add_argument("--label", default="", help="a note stored with every row")
     return p.parse_args(argv)
@@ -193,6 +194,16 @@ def main(argv=None) -> int:
     rank, n = group.rank(), group.size()
     infos = gather_infos(group)
     life.me = infos[rank].name
+    if args.baseline == "only":
+        from dist_runtime.source import Source
+
+        source = Source(args.model, args.synthetic, args.synthetic_seed, args.dtype, args.bits)
+        rows = run_baseline(args, source, group, source.config)
+        if rank == 0:
+            write_outputs(Path(args.out), rows, {"ranks": n, "mlx": mx.__version__,
+                                                 "device": str(mx.default_device()),
+                                                 "model": args.model, "label": args.label})
+        return 0
     source, plan, stage, config, load_s = setup(args, group, infos)
     transport = None
     if n > 1:
@@ -212,7 +223,7 @@ def main(argv=None) -> int:
 
     gc.collect()
     mx.clear_cache()
-    if args.baseline == "auto":
+    if args.baseline != "off":
         rows += run_baseline(args, source, group, config)
     if rank == 0:
         meta = {"ranks": n, "hosts": [i.host for i in infos], "mlx": mx.__version__,
