@@ -208,7 +208,11 @@ def load_model(path: Path, layers: Optional[range] = None, has_embed: bool = Tru
     wmap = weight_map(path)
     names = [n for n in wmap if wanted(n, owned, has_embed or has_head)]
     weights, files, nbytes = read_weights(path, names, progress)
-    weights = model.sanitize(weights)
+    try:
+        weights = model.sanitize(weights)
+    except ValueError as e:  # e.g. an original-layout expert tensor absent from the files
+        raise CheckpointError(f"{path}: the tensors read ({', '.join(files)}) cannot be put "
+                              f"in this model's layout: {e}; is a shard missing or stale?")
     quantize_like(model, config, weights)
     expected = dict(tree_flatten(model.parameters()))
     # Non-layer tensors the stage does not hold (the head on a first-only stage...).

@@ -282,6 +282,17 @@ def test_hf_and_mlx_layouts_give_identical_logits(tmp_path, model_type, to_hf, h
     np.testing.assert_array_equal(logits_of(a.model, a.config), logits_of(b.model, b.config))
 
 
+def test_hf_layout_missing_expert_tensor_is_a_checkpoint_error(tmp_path):
+    config = preset_config("glm4_moe", "tiny")
+    folder = write_checkpoint(tmp_path, config, seed=4, transform=glm4_moe_to_hf(config))
+    drop_tensor(folder, "model.layers.2.mlp.experts.3.gate_proj.weight")
+    with pytest.raises(Exception) as e:
+        load_model(folder)
+    assert type(e.value).__name__ == "CheckpointError"
+    msg = str(e.value)
+    assert str(folder) in msg and "layer 2" in msg and "gate_proj" in msg and "[3]" in msg
+
+
 def test_hf_layout_stage_loads_only_its_layers(tmp_path):
     # a stage handed only its own layers' per-expert tensors stacks them as the whole does
     config = preset_config("glm4_moe", "tiny")

@@ -141,7 +141,7 @@ def test_eos_from_config_json(bare_tok_dir):
     assert eos_ids(bare_tok_dir, config={"text_config": {"eos_token_id": [8]}}) == {8}
 
 
-def test_eos_from_both_files_and_tokenizer_config(tok_dir, tmp_path):
+def test_eos_from_both_files_and_tokenizer_config(tmp_path):
     write_tokenizer(tmp_path, VOCAB)
     eos_text = json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"]
     eos_tok = Tokenizer(tmp_path).hf.token_to_id(eos_text)
