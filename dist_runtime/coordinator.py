@@ -23,7 +23,19 @@ from dist_runtime.stage import Stage
 from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STATS,
                                     OP_STOP, STATS_FIELDS, Header, PeerLost)
 
-PREFILL_CHUNK = 512  # prompt positions per message: bounds activation memory, feeds the ring
+PREFILL_CHUNK = 512  # most prompt positions per message: bounds activation memory
+MIN_CHUNK = 64  # fewer positions per message waste the matmuls' width
+CHUNKS_PER_STAGE = 4  # a prompt is cut in at least this many chunks per stage, when
+# long enough: N stages then finish it in about (chunks + N - 1) / chunks of one pass
+# over the stages, instead of a full pass per chunk.
+
+
+def chunk_size(prompt_len: int, n_stages: int, largest: int = PREFILL_CHUNK) -> int:
+    """Prompt positions per message for one prompt on n_stages."""
+    if n_stages == 1:
+        return largest  # nothing to overlap with: the biggest chunks are fastest
+    want = -(-prompt_len // (CHUNKS_PER_STAGE * n_stages))
+    return max(1, min(largest, max(MIN_CHUNK, want)))
 
 
 @dataclass
@@ -103,7 +115,8 @@ class Coordinator:
         states, results, by_seq = [], [], {}
         for req in requests:
             self._next_seq += 1
-            st = SeqState(self._next_seq, len(req.prompt), req.max_tokens, self.prefill_chunk)
+            chunk = chunk_size(len(req.prompt), self.n, self.prefill_chunk)
+            st = SeqState(self._next_seq, len(req.prompt), req.max_tokens, chunk)
             res = GenerationResult(prompt_tokens=len(req.prompt), finish_reason="length")
             states.append(st)
             results.append(res)
