@@ -92,16 +92,51 @@ def _resolve(root: nn.Module, path: str):
 
 
 class PipelineMixin:
-    """Stage bookkeeping shared by every model: which layers it owns, and pruning.
+    """The stage surface, written once for every model laid out the usual way.
 
-    A model class sets EMBED_PATHS and HEAD_PATHS (dotted attribute paths) and exposes
-    `layers` (the list inside its module tree). `pipeline()` then drops whatever the stage
-    does not own; the dropped layers become None so the rest keep their global index and
-    checkpoint names (`model.layers.17...`) still load.
+    A model class names where its parts live (dotted attribute paths) and inherits
+    `layers`, `embed`, `forward_layers` (plain causal attention in every layer), `head`,
+    `make_caches` and the pruning `pipeline()`; a model with more (Llama-4's chunked
+    layers) overrides just that method. `pipeline()` drops whatever the stage does not
+    own; dropped layers become None so the rest keep their global index and checkpoint
+    names (`model.layers.17...`) still load.
     """
 
-    EMBED_PATHS: tuple = ()
-    HEAD_PATHS: tuple = ()
+    LAYERS_PATH = "model.layers"
+    EMBED_PATH = "model.embed_tokens"
+    NORM_PATH = "model.norm"
+    LM_HEAD_PATH: Optional[str] = "lm_head"  # None: the head always reads the embedding
+    TIE_FIELD = "tie_word_embeddings"  # the config flag that ties the head to the embedding
+
+    def _part(self, path: str):
+        parent, leaf = _resolve(self, path)
+        return parent[leaf] if isinstance(parent, dict) else getattr(parent, leaf)
+
+    @property
+    def layers(self) -> list:
+        """Decoder layers by global index; None where this stage does not own one."""
+        return self._part(self.LAYERS_PATH)
+
+    def tied_embeddings(self) -> bool:
+        """Whether the LM head reuses the embedding matrix."""
+        return self.LM_HEAD_PATH is None or bool(getattr(self.args, self.TIE_FIELD, False))
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """tokens [B, L] -> h [B, L, D]."""
+        return self._part(self.EMBED_PATH)(tokens)
+
+    def forward_layers(self, h: mx.array, caches: list) -> mx.array:
+        """Run the owned layers in order, each with the plain causal mask."""
+        for (_, layer), cache in zip(self.owned_layers(), caches):
+            h = layer(h, attention_mask(h.shape[1], cache), cache)
+        return h
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final norm and LM head: h [B, L, D] -> logits [B, L, V]."""
+        h = self._part(self.NORM_PATH)(h)
+        if self.tied_embeddings():
+            return self._part(self.EMBED_PATH).as_linear(h)
+        return self._part(self.LM_HEAD_PATH)(h)
 
     def pipeline(self, start: int, end: int, has_embed: bool = True, has_head: bool = True):
         """Keep layers [start, end), the embedding if has_embed, the head if has_head."""
@@ -114,19 +149,15 @@ class PipelineMixin:
                 layers[i] = None
         drop = []
         if not has_embed and not (has_head and self.tied_embeddings()):
-            drop += list(self.EMBED_PATHS)
+            drop.append(self.EMBED_PATH)
         if not has_head:
-            drop += list(self.HEAD_PATHS)
+            drop += [p for p in (self.NORM_PATH, self.LM_HEAD_PATH) if p]
         for path in drop:
             parent, leaf = _resolve(self, path)
             if leaf in parent:
                 delattr(parent, leaf)
         self.layer_range = (start, end)
         return self
-
-    def tied_embeddings(self) -> bool:
-        """Whether the LM head reuses the embedding matrix."""
-        return False
 
     def owned_layers(self) -> list:
         """[(global_index, layer)] for the layers this stage holds, in order."""

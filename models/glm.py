@@ -19,7 +19,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseConfig, PipelineMixin, attention, attention_mask, merge_heads, split_heads
+from .base import BaseConfig, PipelineMixin, attention, merge_heads, split_heads
 
 
 @dataclass
@@ -115,10 +115,7 @@ class GLMModel(nn.Module):
 
 
 class Model(nn.Module, PipelineMixin):
-    """GLM causal LM with the stage surface of models/base.py."""
-
-    EMBED_PATHS = ("model.embed_tokens",)
-    HEAD_PATHS = ("model.norm", "lm_head")
+    """GLM causal LM; the stage surface comes from PipelineMixin (models/base.py)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -126,32 +123,6 @@ class Model(nn.Module, PipelineMixin):
         self.model = GLMModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    @property
-    def layers(self) -> list:
-        """Decoder layers by global index; None where this stage does not own one."""
-        return self.model.layers
-
-    def tied_embeddings(self) -> bool:
-        """True when the head reuses the embedding matrix."""
-        return self.args.tie_word_embeddings
-
-    def embed(self, tokens: mx.array) -> mx.array:
-        """tokens [B, L] -> h [B, L, D]."""
-        return self.model.embed_tokens(tokens)
-
-    def forward_layers(self, h: mx.array, caches: list) -> mx.array:
-        """Run the owned layers; every GLM layer is plain causal attention."""
-        for (_, layer), cache in zip(self.owned_layers(), caches):
-            h = layer(h, attention_mask(h.shape[1], cache), cache)
-        return h
-
-    def head(self, h: mx.array) -> mx.array:
-        """h [B, L, D] -> logits [B, L, V]."""
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
 
     def sanitize(self, weights: dict) -> dict:
         """Drop rotary caches HF may store and a duplicate head when tied."""

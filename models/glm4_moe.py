@@ -33,8 +33,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (BaseConfig, ConfigError, PipelineMixin, attention, attention_mask,
-                   merge_heads, split_heads)
+from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads)
 from .experts import ExpertGLU
 
 GROUP_SCORE_TOP = 2  # a group is scored by the sum of its best 2 biased expert scores
@@ -266,10 +265,7 @@ class GLM4MoeModel(nn.Module):
 
 
 class Model(nn.Module, PipelineMixin):
-    """GLM-4.5 MoE causal LM with the stage surface of models/base.py."""
-
-    EMBED_PATHS = ("model.embed_tokens",)
-    HEAD_PATHS = ("model.norm", "lm_head")
+    """GLM-4.5 MoE causal LM; the stage surface comes from PipelineMixin (models/base.py)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -277,32 +273,6 @@ class Model(nn.Module, PipelineMixin):
         self.model = GLM4MoeModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    @property
-    def layers(self) -> list:
-        """Decoder layers by global index; None where this stage does not own one."""
-        return self.model.layers
-
-    def tied_embeddings(self) -> bool:
-        """True when the head reuses the embedding matrix."""
-        return self.args.tie_word_embeddings
-
-    def embed(self, tokens: mx.array) -> mx.array:
-        """tokens [B, L] -> h [B, L, D]."""
-        return self.model.embed_tokens(tokens)
-
-    def forward_layers(self, h: mx.array, caches: list) -> mx.array:
-        """Run the owned layers; every GLM-4.5 layer is plain causal attention."""
-        for (_, layer), cache in zip(self.owned_layers(), caches):
-            h = layer(h, attention_mask(h.shape[1], cache), cache)
-        return h
-
-    def head(self, h: mx.array) -> mx.array:
-        """h [B, L, D] -> logits [B, L, V]."""
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
 
     def sanitize(self, weights: dict) -> dict:
         """Checkpoint tensors -> this module tree, for either layout, any subset of layers.

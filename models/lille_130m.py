@@ -26,8 +26,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (BaseConfig, ConfigError, PipelineMixin, attention, attention_mask,
-                   merge_heads, split_heads)
+from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads)
 
 FFN_MULTIPLE = 256  # SwiGLU widths are rounded up to a multiple of this
 # mlx-lm rotates adjacent pairs. The author's GGUF export permutes q/k the way HF-Llama
@@ -148,36 +147,15 @@ class LilleModel(nn.Module):
 class Model(nn.Module, PipelineMixin):
     """Lille causal LM with the stage surface of models/base.py; the head is always tied."""
 
-    EMBED_PATHS = ("transformer.tok_embeddings",)
-    HEAD_PATHS = ("transformer.norm",)  # no head matrix of its own: it reads the embedding
+    LAYERS_PATH = "transformer.layers"
+    EMBED_PATH = "transformer.tok_embeddings"
+    NORM_PATH = "transformer.norm"
+    LM_HEAD_PATH = None  # no head matrix of its own: it reads the embedding
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.transformer = LilleModel(args)
-
-    @property
-    def layers(self) -> list:
-        """Blocks by global index; None where this stage does not own one."""
-        return self.transformer.layers
-
-    def tied_embeddings(self) -> bool:
-        """Always True: the LM head is the embedding matrix."""
-        return True
-
-    def embed(self, tokens: mx.array) -> mx.array:
-        """tokens [B, L] -> h [B, L, D]."""
-        return self.transformer.tok_embeddings(tokens)
-
-    def forward_layers(self, h: mx.array, caches: list) -> mx.array:
-        """Run the owned blocks; every Lille layer is plain causal attention."""
-        for (_, layer), cache in zip(self.owned_layers(), caches):
-            h = layer(h, attention_mask(h.shape[1], cache), cache)
-        return h
-
-    def head(self, h: mx.array) -> mx.array:
-        """h [B, L, D] -> logits [B, L, V]."""
-        return self.transformer.tok_embeddings.as_linear(self.transformer.norm(h))
 
     def sanitize(self, weights: dict) -> dict:
         """Drop RoPE tables and the tied head copies the PyTorch checkpoints may carry."""

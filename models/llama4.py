@@ -319,23 +319,16 @@ class LanguageModel(nn.Module):
 class Model(nn.Module, PipelineMixin):
     """Llama 4 causal LM (text only) with the stage surface of models/base.py."""
 
-    EMBED_PATHS = ("language_model.model.embed_tokens",)
-    HEAD_PATHS = ("language_model.model.norm", "language_model.lm_head")
+    LAYERS_PATH = "language_model.model.layers"
+    EMBED_PATH = "language_model.model.embed_tokens"
+    NORM_PATH = "language_model.model.norm"
+    LM_HEAD_PATH = "language_model.lm_head"
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.text = args.text_config
         self.language_model = LanguageModel(self.text)
-
-    @property
-    def layers(self) -> list:
-        """Decoder layers by global index; None where this stage does not own one."""
-        return self.language_model.model.layers
-
-    def embed(self, tokens: mx.array) -> mx.array:
-        """tokens [B, L] -> h [B, L, D]."""
-        return self.language_model.model.embed_tokens(tokens)
 
     def make_caches(self) -> list:
         """Per owned layer: a ChunkedKVCache on chunked layers, a full KVCache on global ones."""
@@ -354,10 +347,6 @@ class Model(nn.Module, PipelineMixin):
             else:
                 h = layer(h, attention_mask(n, cache), cache)
         return h
-
-    def head(self, h: mx.array) -> mx.array:
-        """h [B, L, D] -> logits [B, L, V]."""
-        return self.language_model.lm_head(self.language_model.model.norm(h))
 
     def sanitize(self, weights: dict) -> dict:
         """Drop the image tower; split HF's fused experts into stacked [E, out, in] weights.

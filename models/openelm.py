@@ -43,8 +43,7 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (BaseConfig, ConfigError, PipelineMixin, attention, attention_mask,
-                   merge_heads, split_heads)
+from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads)
 
 MULTIPLIER_DECIMALS = 2  # HF rounds interpolated multipliers to 2 decimals; shapes depend on it
 MAX_ROUND_DOWN = 0.9  # make_divisible never returns less than 90% of the value asked for
@@ -228,8 +227,10 @@ class OpenELMModel(nn.Module):
 class Model(nn.Module, PipelineMixin):
     """OpenELM causal LM with the stage surface of models/base.py."""
 
-    EMBED_PATHS = ("transformer.token_embeddings",)
-    HEAD_PATHS = ("transformer.norm", "lm_head")
+    LAYERS_PATH = "transformer.layers"
+    EMBED_PATH = "transformer.token_embeddings"
+    NORM_PATH = "transformer.norm"
+    TIE_FIELD = "share_input_output_layers"
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -237,32 +238,6 @@ class Model(nn.Module, PipelineMixin):
         self.transformer = OpenELMModel(args)
         if not args.share_input_output_layers:
             self.lm_head = nn.Linear(args.model_dim, args.vocab_size, bias=False)
-
-    @property
-    def layers(self) -> list:
-        """Decoder layers by global index; None where this stage does not own one."""
-        return self.transformer.layers
-
-    def tied_embeddings(self) -> bool:
-        """True when the head reuses the embedding matrix (`share_input_output_layers`)."""
-        return self.args.share_input_output_layers
-
-    def embed(self, tokens: mx.array) -> mx.array:
-        """tokens [B, L] -> h [B, L, D]."""
-        return self.transformer.token_embeddings(tokens)
-
-    def forward_layers(self, h: mx.array, caches: list) -> mx.array:
-        """Run the owned layers; every OpenELM layer is plain causal attention."""
-        for (_, layer), cache in zip(self.owned_layers(), caches):
-            h = layer(h, attention_mask(h.shape[1], cache), cache)
-        return h
-
-    def head(self, h: mx.array) -> mx.array:
-        """h [B, L, D] -> logits [B, L, V]."""
-        h = self.transformer.norm(h)
-        if self.args.share_input_output_layers:
-            return self.transformer.token_embeddings.as_linear(h)
-        return self.lm_head(h)
 
     def sanitize(self, weights: dict) -> dict:
         """Drop rotary tables HF may store and a duplicate head when tied."""
