@@ -125,10 +125,14 @@ class PipelineMixin:
         """tokens [B, L] -> h [B, L, D]."""
         return self._part(self.EMBED_PATH)(tokens)
 
+    def forward_layer(self, index: int, layer, h: mx.array, cache) -> mx.array:
+        """One owned layer (global `index`) with the plain causal mask: h [B, L, D]."""
+        return layer(h, attention_mask(h.shape[1], cache), cache)
+
     def forward_layers(self, h: mx.array, caches: list) -> mx.array:
-        """Run the owned layers in order, each with the plain causal mask."""
-        for (_, layer), cache in zip(self.owned_layers(), caches):
-            h = layer(h, attention_mask(h.shape[1], cache), cache)
+        """Run the owned layers in order (a runtime may call forward_layer itself)."""
+        for (i, layer), cache in zip(self.owned_layers(), caches):
+            h = self.forward_layer(i, layer, h, cache)
         return h
 
     def head(self, h: mx.array) -> mx.array:

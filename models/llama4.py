@@ -336,16 +336,14 @@ class Model(nn.Module, PipelineMixin):
         return [ChunkedKVCache(chunk) if self.text.is_chunked(i) else KVCache()
                 for i, _ in self.owned_layers()]
 
-    def forward_layers(self, h: mx.array, caches: list) -> mx.array:
-        """Run the owned layers, each with the mask its global index calls for."""
-        n = h.shape[1]  # h [B, L, D]
-        for (i, layer), cache in zip(self.owned_layers(), caches):
-            if self.text.is_chunked(i):
-                mask = chunked_mask(n, cache.offset, cache.start, self.text.attention_chunk_size)
-                h = layer(h, mask, cache)
-                cache.trim()  # the next query's chunk never needs the keys before it
-            else:
-                h = layer(h, attention_mask(n, cache), cache)
+    def forward_layer(self, index: int, layer, h: mx.array, cache) -> mx.array:
+        """One owned layer, with the mask its global index calls for: h [B, L, D]."""
+        n = h.shape[1]
+        if not self.text.is_chunked(index):
+            return layer(h, attention_mask(n, cache), cache)
+        mask = chunked_mask(n, cache.offset, cache.start, self.text.attention_chunk_size)
+        h = layer(h, mask, cache)
+        cache.trim()  # the next query's chunk never needs the keys before it
         return h
 
     def sanitize(self, weights: dict) -> dict:
