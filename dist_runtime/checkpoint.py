@@ -12,7 +12,6 @@ Knows nothing of ranks: callers pass a layer range.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import sys

@@ -2,28 +2,35 @@
 
 Every rank gathers every rank's host facts (name, available memory, versions) with one
 collective, then computes the plan itself: the partition is a pure function of those
-facts, so all ranks agree without another message.
+facts, so all ranks agree without another message. The same gather (`gather_json`)
+carries the preflight facts and the after-loading status (dist_runtime/preflight.py).
+Every collective here can take a Watchdog and a deadline, since a rank that never
+arrives would otherwise leave the others waiting forever.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 import psutil
 
-from dist_runtime import costs as costs_mod
-from dist_runtime.partition import Plan, plan_layers
+from dist_runtime import costs as costs_mod  # noqa: F401  (kept for callers)
+from dist_runtime.errors import StartError
+from dist_runtime.partition import Plan
 
 INFO_BYTES = 1024  # room for one rank's JSON facts in the gather
 MEMORY_FRACTION = 0.85  # of available memory a rank may plan to fill (OS, activations)
 PROJECT_VERSION = "0.1.0"
+START_WAIT = ("every rank to start and connect (a host may still be starting, may have "
+              "failed to start: look for its error above, or may be unreachable at the "
+              "address in the hostfile)")
 
 
 @dataclass
@@ -57,27 +64,105 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def init_group():
-    """The world group (size 1 when not started by mlx.launch)."""
-    return mx.distributed.init()
+def ring_addresses() -> Optional[list]:
+    """The ring backend's per-rank 'ip:port' lists (MLX_HOSTFILE), or None."""
+    path = os.environ.get("MLX_HOSTFILE")
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
-def gather_infos(group) -> list:
-    """Every rank's HostInfo, in rank order (one all_sum of a [ranks, INFO_BYTES] array)."""
-    me = local_info(group.rank())
+def init_group(guard=None, timeout: Optional[float] = None):
+    """The world group (size 1 when not started by mlx.launch), within `timeout` s.
+
+    mx.distributed.init blocks until the neighbours connect; with a `guard` (Watchdog)
+    a rank whose neighbour never comes says so and exits instead of waiting forever.
+    """
+    if guard is not None and timeout:
+        guard.arm(timeout, f"waited {timeout:.0f} s for {START_WAIT}; see --load-timeout")
+    try:
+        return mx.distributed.init()
+    except RuntimeError as e:
+        rank = os.environ.get("MLX_RANK", "?")
+        addrs = ring_addresses()
+        hint = ""
+        if addrs and str(rank).isdigit():
+            r = int(rank)
+            nxt = (r + 1) % len(addrs)
+            hint = (f"; rank {r} listens on {', '.join(addrs[r])} and connects to rank {nxt} "
+                    f"at {', '.join(addrs[nxt])}: check that these IPs belong to the hosts "
+                    f"(python launch/hostfile.py check HOSTFILE), that rank {nxt} started, "
+                    f"and that no firewall blocks the ports")
+        raise StartError(f"could not join the group: {e}{hint}") from e
+    finally:
+        if guard is not None:
+            guard.disarm()
+
+
+def gather_json(group, obj, nbytes: int = INFO_BYTES, guard=None,
+                timeout: Optional[float] = None, what: str = "", kind: str = "") -> list:
+    """Every rank's JSON-able dict `obj`, in rank order (one all_sum of [ranks, nbytes]).
+
+    A value longer than nbytes is an error here, not a corrupt row elsewhere. `kind`
+    tags the rows: a row that does not parse or has another tag comes from a rank that
+    is not at the same step of the same job (another job on the same ports), and is a
+    StartError naming that rank, never a crash.
+    """
     if group.size() == 1:
-        return [me]
-    raw = json.dumps(me.__dict__).encode()[:INFO_BYTES]
-    buf = np.zeros((group.size(), INFO_BYTES), np.int32)
+        return [obj]
+    obj = dict(obj, _kind=kind)
+    raw = json.dumps(obj).encode()
+    if len(raw) > nbytes:
+        raise ValueError(f"gathered facts are {len(raw)} bytes, over the {nbytes} reserved")
+    buf = np.zeros((group.size(), nbytes), np.int32)
     buf[group.rank(), : len(raw)] = np.frombuffer(raw, np.uint8)
     total = mx.distributed.all_sum(mx.array(buf), group=group, stream=mx.cpu)
-    rows = np.array(total).astype(np.uint8)
-    return [HostInfo(**json.loads(bytes(r).rstrip(b"\0").decode())) for r in rows]
+    if guard is not None and timeout:
+        guard.arm(timeout, f"waited {timeout:.0f} s for {what or START_WAIT}; "
+                           f"see --load-timeout")
+    try:
+        mx.eval(total)
+    except RuntimeError as e:
+        raise StartError(f"lost the connection to another rank while waiting for "
+                         f"{what or 'every rank to start'} ({e}): it died or its host became "
+                         f"unreachable; look above for its error") from e
+    finally:
+        if guard is not None:
+            guard.disarm()
+    out = []
+    for r, row in enumerate(np.array(total)):
+        try:
+            d = json.loads(bytes(row.astype(np.uint8)).rstrip(b"\0").decode())
+            ok = isinstance(d, dict) and d.pop("_kind", None) == kind
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise StartError(
+                f"rank {r} sent something else than its {kind or 'facts'} at start: it is not "
+                f"part of this job at this step (another job using the same ports? start "
+                f"one of them with mlx.launch --starting-port PORT) or runs other code")
+        out.append(d)
+    return out
 
 
-def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list]) -> Plan:
-    """The partition for these hosts (see dist_runtime/partition.py)."""
-    kv = [k * max_kv_tokens for k in costs.kv_per_token]
-    budgets = [int(i.available * MEMORY_FRACTION) for i in infos]
-    return plan_layers(costs.weight, costs.active, budgets, head_bytes=costs.head,
-                       kv_bytes=kv, split=split, hosts=[i.host for i in infos])
+def gather_infos(group, guard=None, timeout: Optional[float] = None) -> list:
+    """Every rank's HostInfo, in rank order."""
+    rows = gather_json(group, local_info(group.rank()).__dict__, INFO_BYTES, guard, timeout,
+                       kind="host facts")
+    return [HostInfo(**r) for r in rows]
+
+
+def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
+              limits: Optional[list] = None) -> Plan:
+    """The partition for these hosts (see dist_runtime/partition.py).
+
+    Errors say which host does not fit, by how much, and a --split or setting that fits
+    (dist_runtime/preflight.py). `limits`: optional per-rank caps in bytes.
+    """
+    from dist_runtime.preflight import plan_with_advice
+
+    return plan_with_advice(costs, infos, max_kv_tokens, split, limits)

@@ -12,6 +12,8 @@ import time
 
 import mlx.core as mx
 
+ASYNC_EVAL_EVERY = 2  # layers built per hand-off to the device in Stage.forward
+
 from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STATS,
                                     OP_STOP, Header, PeerLost, TransportError)
 
@@ -41,7 +43,14 @@ class Stage:
         if caches and caches[0].offset != offset:
             raise TransportError(f"stage {self.index}: sequence {seq} arrives at position "
                                  f"{offset} but its cache holds {caches[0].offset}")
-        return self.model.forward_layers(h, caches)
+        model = self.model
+        for n, ((i, layer), cache) in enumerate(zip(model.owned_layers(), caches), 1):
+            h = model.forward_layer(i, layer, h, cache)
+            if n % ASYNC_EVAL_EVERY == 0:
+                # Start the device on the layers built so far while Python builds the
+                # rest: graph building then overlaps execution instead of preceding it.
+                mx.async_eval(h)
+        return h
 
     def run(self, h: mx.array, seq: int, offset: int) -> mx.array:
         """forward() evaluated, with its time added to busy_s."""
@@ -82,16 +91,9 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
     nxt = (stage.index + 1) % stage.n_stages
     timeout = first_timeout
     while True:
-        try:
-            header, h = transport.recv(prev, timeout)
-        except PeerLost:
-            # Tell the ranks downstream (and so the coordinator) which rank was lost.
-            if nxt != prev:
-                try:
-                    transport.send(nxt, Header(OP_ABORT, offset=prev))
-                except PeerLost:
-                    pass
-            raise
+        # A lost, silent or failed rank upstream raises PeerLost here; the transport has
+        # already told the ranks downstream (and so the coordinator) which rank it was.
+        header, h = transport.recv(prev, timeout)
         timeout = None
         if header.op == OP_FORWARD:
             out = stage.run(h, header.seq, header.offset)

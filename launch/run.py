@@ -22,25 +22,39 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mlx.launch runs us as a file
 
 from dist_runtime.devices import pin_gpu  # noqa: E402
-from dist_runtime.lifecycle import Lifecycle, block_signals  # noqa: E402
+from dist_runtime.lifecycle import Lifecycle, block_signals, env_rank  # noqa: E402
 
 block_signals()  # before mlx starts its threads: see dist_runtime/lifecycle.py
 pin_gpu()  # before mlx starts CUDA: one GPU per rank
 
 import mlx.core as mx  # noqa: E402
 
+from dist_runtime import preflight  # noqa: E402
 from dist_runtime.cluster import gather_infos, init_group, make_plan  # noqa: E402
 from dist_runtime.coordinator import PREFILL_CHUNK, Coordinator  # noqa: E402
 from dist_runtime.costs import text_config  # noqa: E402
-from dist_runtime.errors import USER_ERRORS, fail  # noqa: E402
+from dist_runtime.errors import PreflightError, StartError, fail  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from dist_runtime.source import DTYPES, Source  # noqa: E402
 from dist_runtime.stage import Stage, stage_loop  # noqa: E402
 from dist_runtime.tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
-from dist_runtime.transport import PeerLost, Transport  # noqa: E402
+from dist_runtime.transport import EXIT_PEER_LOST, Transport, Watchdog  # noqa: E402
 
-DEFAULT_TIMEOUT = 120.0  # s a rank waits for a neighbour mid-generation
-FIRST_TIMEOUT = 1800.0  # s for the first message: other ranks may still load 100 GB
+# Deadlines on every wait for another rank (see docs/troubleshooting.md):
+DEFAULT_TIMEOUT = 20.0  # s a rank waits for a neighbour once the first prompt went round
+DEFAULT_FIRST_TIMEOUT = 600.0  # s until then: first kernel compile, a long first prefill
+LOAD_TIMEOUT = 1800.0  # s for every rank to start, pass the checks and load (100 GB loads)
+FIRST_TIMEOUT = LOAD_TIMEOUT  # first wait of a stage in jobs with no barrier after loading
+
+
+class RankParser(argparse.ArgumentParser):
+    """Argument errors as '[rank r (host)] error: ...' and exit 2, on every rank alike."""
+
+    def error(self, message):
+        rank = env_rank()
+        print(f"[rank {0 if rank is None else rank} ({socket.gethostname()})] error: "
+              f"{message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def layer_counts(text: str) -> list:
@@ -65,16 +79,25 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--bits", type=int, choices=[4, 8], help="quantize synthetic weights")
     p.add_argument("--split", type=layer_counts,
                    help="layers per rank, e.g. 10,12,12,12 (default: by memory)")
+    p.add_argument("--memory-limit", type=preflight.parse_memory_limits, metavar="GB[,GB...]",
+                   help="plan with at most this much memory per rank (one value for all, "
+                   "or one per rank), e.g. to leave room for other programs")
     p.add_argument("--max-kv-tokens", type=int, default=4096,
                    help="KV-cache positions to reserve memory for when planning")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help="seconds to wait for another rank before giving up")
+                   help="seconds a rank waits for another before it names it as lost "
+                   "(after the first prompt has gone round the ring)")
+    p.add_argument("--first-timeout", type=float, default=DEFAULT_FIRST_TIMEOUT,
+                   help="the same until the first prompt has gone round (first compile, "
+                   "long first prefill)")
+    p.add_argument("--load-timeout", type=float, default=LOAD_TIMEOUT,
+                   help="seconds for every rank to start, pass the checks and load its layers")
 
 
 def parse_args(argv=None):
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = RankParser(description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--prompt", default="Hello")
     p.add_argument("--max-tokens", type=int, default=100)
@@ -90,7 +113,20 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
     args = p.parse_args(argv)
     if args.max_tokens < 1:
-        p.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        p.error(f"--max-tokens must be at least 1 (how many tokens to generate), got "
+                f"{args.max_tokens}")
+    for name in ("prefill_chunk", "max_kv_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("timeout", "first_timeout", "load_timeout"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be above 0 seconds, got "
+                    f"{getattr(args, name)}")
+    try:  # sampling options fail here, on every rank, not on rank 0 after loading
+        SamplingParams(args.temp, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
+                       seed=args.seed).check()
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -115,7 +151,8 @@ def setup(args, group, infos):
     """This rank's stage and the plan (every rank computes the same plan)."""
     rank = group.rank()
     source = Source(args.model, args.synthetic, args.synthetic_seed, args.dtype, args.bits)
-    plan = make_plan(source.costs(), infos, args.max_kv_tokens, args.split)
+    plan = make_plan(source.costs(), infos, args.max_kv_tokens, args.split,
+                     getattr(args, "memory_limit", None))
     layers = plan.ranges[rank]
     t0 = time.perf_counter()
     model, config, files, nbytes = source.load(layers, has_embed=rank == 0, has_head=rank == 0,
@@ -123,6 +160,39 @@ def setup(args, group, infos):
     load_s = time.perf_counter() - t0
     report_stage(infos[rank].name, model, files, nbytes, load_s)
     return source, plan, Stage(model, rank, group.size()), config, load_s
+
+
+def start(args, life, group, infos, guard, argv=None):
+    """Check the job before any weight is read, load this rank's layers, and wait until
+    every rank has loaded (dist_runtime/preflight.py). Every rank raises the same error
+    for a failed check; a rank that cannot load raises its own, the others name it.
+
+    Returns (source, plan, stage, config, load_s, opened); `opened` has rank 0's
+    tokenizer and prompt ids.
+    """
+    rank, n = group.rank(), group.size()
+    me = infos[rank]
+    argv = sys.argv[1:] if argv is None else argv
+    opened = preflight.open_model(args, rank, me.host, argv,
+                                  prompt=args.prompt if rank == 0 else None)
+    facts = preflight.gather_facts(group, opened.facts, guard, args.load_timeout)
+    for warning in preflight.check_facts(infos, facts, rank):
+        print(f"[{me.name}] warning: {warning.message}", file=sys.stderr, flush=True)
+    plan = make_plan(opened.costs, infos, args.max_kv_tokens, args.split, args.memory_limit)
+    life.set("loading")
+    t0 = time.perf_counter()
+    error, loaded = None, None
+    try:
+        loaded = opened.source.load(plan.ranges[rank], has_embed=rank == 0, has_head=rank == 0,
+                                    log_prefix=f"[{me.name}] ")
+    except Exception as e:  # the others learn it at the barrier, and name this rank
+        error = e
+    load_s = time.perf_counter() - t0
+    if error is None:  # as soon as loaded: the ranks' lines come at different moments
+        model, config, files, nbytes = loaded
+        report_stage(me.name, model, files, nbytes, load_s)
+    preflight.ready_barrier(group, infos, rank, error, guard, args.load_timeout)
+    return opened.source, plan, Stage(model, rank, n), config, load_s, opened
 
 
 def report_stage(me: str, model, files: list, nbytes: int, load_s: float):
@@ -139,10 +209,14 @@ def report_stage(me: str, model, files: list, nbytes: int, load_s: float):
     print(f"[{me}] stage {json.dumps(info)}", file=sys.stderr, flush=True)
 
 
-def run_coordinator(args, life, source, stage, config, transport, summarise):
-    """Rank 0: tokenize, generate, stream; on a stop signal, print what it has."""
-    tok = Tokenizer(source.tokenizer_folder(), config)
-    prompt = tok.prompt_ids(args.prompt, chat=not args.no_chat_template)
+def run_coordinator(args, life, source, stage, config, transport, summarise, opened=None):
+    """Rank 0: tokenize, generate, stream; on a stop signal or a lost rank, print what it
+    has (`opened`: the tokenizer and prompt ids from the checks, if they ran)."""
+    if opened is not None and opened.prompt is not None:
+        tok, prompt = opened.tokenizer, opened.prompt
+    else:
+        tok = Tokenizer(source.tokenizer_folder(), config)
+        prompt = tok.prompt_ids(args.prompt, chat=not args.no_chat_template)
     check_context(config, len(prompt), args.max_tokens)
     coord = Coordinator(stage, transport, args.prefill_chunk)
     sampler = Sampler(SamplingParams(args.temp, args.top_k, args.top_p, args.min_p,
@@ -158,9 +232,9 @@ def run_coordinator(args, life, source, stage, config, transport, summarise):
         full = "".join(text)
         return any(s in full for s in args.stop)
 
-    def on_stop(signame: str):
+    def on_stop(reason: str):
         res = coord.current
-        res.finish_reason = f"stopped by {signame}"
+        res.finish_reason = reason
         partial = "".join(text) + detok.finish()
         if args.json:
             print(json.dumps(summarise(res, partial, len(prompt))), flush=True)
@@ -209,31 +283,46 @@ def summary(res, text, n_prompt, peaks, load_s, infos, plan) -> dict:
 
 
 def main(argv=None) -> int:
-    """Entry point on every rank."""
+    """Entry point on every rank.
+
+    Errors exit non-zero on every rank with one '[rank r (host)] error: ...' line:
+    arguments (2, before connecting), the start checks and loading (2, all ranks alike),
+    a lost, silent or failed rank (3, naming it), a signal (128 + signal).
+    """
     life = Lifecycle()
     args = parse_args(argv)
-    group = init_group()
-    rank = group.rank()
-    infos = gather_infos(group)
-    me = life.me = infos[rank].name
     try:
-        life.set("loading")
-        source, plan, stage, config, load_s = setup(args, group, infos)
-        transport = None
+        preflight.check_start_env(life.me)
+    except PreflightError as e:
+        fail(life.me, e, life.rank or 0, life=life)
+    # Deadlines for the collectives before the ring carries data (start, checks, load).
+    guard = Watchdog(life.me, on_expire=lambda what: life.exit_with_error(what, EXIT_PEER_LOST))
+    try:
+        group = init_group(guard, args.load_timeout)
+    except StartError as e:
+        fail(life.me, e, life.rank or 0, life=life)
+    rank = life.rank = group.rank()
+    infos = gather_infos(group, guard, args.load_timeout)
+    me = life.me = guard.me = infos[rank].name
+    transport = None
+    try:
+        life.set("checking the job before loading")
+        source, plan, stage, config, load_s, opened = start(args, life, group, infos, guard, argv)
         if group.size() > 1:
             transport = Transport(group, hidden_width(config), activation_dtype(stage.model),
-                                  [i.name for i in infos], args.timeout, life)
+                                  [i.name for i in infos], args.timeout, life,
+                                  first_timeout=args.first_timeout)
         if rank != 0:
             life.set("serving as a stage")
-            stage_loop(stage, transport, FIRST_TIMEOUT)
+            stage_loop(stage, transport, args.first_timeout)
             print(f"[{me}] finished", file=sys.stderr, flush=True)
             return 0
         life.set("generating")
         res, text, n_prompt, peaks = run_coordinator(args, life, source, stage, config, transport,
                                               lambda r, t, n: summary(r, t, n, [], load_s,
-                                                                      infos, plan))
-    except USER_ERRORS + (PeerLost,) as e:
-        return fail(me, e, rank, abort=transport if rank == 0 else None)
+                                                                      infos, plan), opened)
+    except Exception as e:  # noqa: BLE001  (one error line, the others told, then exit)
+        fail(me, e, rank, abort=transport, life=life)
     if args.json:
         print(json.dumps(summary(res, text, n_prompt, peaks, load_s, infos, plan)), flush=True)
     print(f"[{me}] finished", file=sys.stderr, flush=True)

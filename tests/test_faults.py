@@ -1,0 +1,179 @@
+"""A rank dies, stops answering, or is told to stop: every other rank exits, fast, naming it.
+
+Real processes: mlx.launch on 127.0.0.1, three ranks (--split 1,2,1, so rank 1 is a
+middle stage) or two, the tiny synthetic GLM-4 MoE. Each test signals one rank's pid
+(from its stage line) at a chosen moment, times every rank's exit, reads what each
+printed, and checks that no process of the job is left (SIGCONT, then SIGKILL, in a
+finally). mlx.launch itself SIGTERMs every rank once one exits non-zero; the ranks'
+messages still name the rank that was lost (they wait TERM_GRACE_S for the news).
+
+Measured on a 2-core VM: SIGKILL -> others gone in ~0.05 s; SIGSTOP -> ~7.0 s (--timeout
+5 + 2 s of confirmation); SIGINT on the coordinator -> ~0.05 s; SIGTERM -> ~1.05 s.
+"""
+
+import re
+import signal
+import time
+
+import pytest
+
+from dist_runtime.transport import CONFIRM_S, EXIT_PEER_LOST
+from tests.live import LiveJob, alive
+
+TIMEOUT = 5  # --timeout: short, so a silent rank is named within seconds
+MODEL = ["--model", "glm4_moe", "--synthetic", "tiny", "--timeout", str(TIMEOUT)]
+THREE = [*MODEL, "--split", "1,2,1"]
+DECODE = ["--prompt", "x", "--max-tokens", "3000", "--ignore-eos"]  # ~75 s if left alone
+# ~3000 prompt tokens in chunks of 16: prefill takes ~6 s here (context is 4096).
+PREFILL = ["--prompt", "hello world " * 300, "--prefill-chunk", "16", "--max-tokens", "4",
+           "--ignore-eos"]
+DEATH_S = 5.0  # a dead rank's neighbours see its sockets close at once; others within ms
+STOPPED_RE = re.compile(r"stopped after (\d+) generated tokens")
+
+
+def host_of(job, rank):
+    return re.search(rf"\[rank {rank} \(([^)]*)\)\]", job.stderr).group(1)
+
+
+def generated(job) -> int:
+    """Tokens rank 0 says it had generated when it stopped."""
+    said = job.said("stopped").get(0, [])
+    m = STOPPED_RE.search(" ".join(f"stopped {s}" for s in said))
+    assert m, f"rank 0 did not say how far it got:\n{job.report()}"
+    return int(m.group(1))
+
+
+def check_others_named(job, victim, others, exits, limit, words):
+    """Each rank in `others` exited within `limit` s, non-zero, naming the victim."""
+    host = host_of(job, victim)
+    assert set(exits) == set(others), f"exited: {exits}\n{job.report()}"
+    assert max(exits.values()) <= limit, f"exit latencies {exits}\n{job.report()}"
+    job.wait(15)  # mlx.launch itself ends, and all output is in
+    errors = job.errors
+    for r in others:
+        assert r in errors, f"rank {r} printed no error:\n{job.report()}"
+        assert any(f"rank {victim} ({host})" in e and re.search(words, e) for e in errors[r]), \
+            f"rank {r} did not name rank {victim} ({host}): {errors[r]}"
+    assert not job.finished, f"ranks that said finished: {job.finished}"
+    codes = job.exit_codes
+    for r in others:
+        assert codes.get(r) not in (None, 0), f"rank {r}'s exit: {codes.get(r)}\n{job.report()}"
+    assert job.leftovers() == [], "processes left behind"
+
+
+def kill_and_check(job, victim, others, words=r"lost|lost the connection"):
+    job.signal(victim, signal.SIGKILL)
+    exits = job.wait_exits(others, 20)
+    check_others_named(job, victim, others, exits, DEATH_S, words)
+    return exits
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_middle_rank_during_prefill():
+    with LiveJob(3, [*THREE, *PREFILL]) as job:
+        job.wait_stages()
+        time.sleep(1.0)  # well inside the ~6 s prefill
+        assert job.stdout.strip() == "", "generation started before the kill"
+        exits = kill_and_check(job, 1, [0, 2])
+        assert generated(job) == 0  # it was still prefilling
+        print("SIGKILL rank 1 in prefill: exits after", exits)
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_middle_rank_during_decode():
+    with LiveJob(3, [*THREE, *DECODE]) as job:
+        job.wait_stages()
+        job.wait_for(lambda: len(job.stdout) > 20, 30, "generated text")
+        exits = kill_and_check(job, 1, [0, 2])
+        assert generated(job) > 0
+        assert len(job.stdout.strip()) > 20  # the text so far was printed
+        print("SIGKILL rank 1 in decode: exits after", exits)
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_last_rank_during_decode():
+    with LiveJob(3, [*THREE, *DECODE]) as job:
+        job.wait_stages()
+        job.wait_for(lambda: len(job.stdout) > 20, 30, "generated text")
+        exits = kill_and_check(job, 2, [0, 1])
+        assert generated(job) > 0
+        print("SIGKILL rank 2 in decode: exits after", exits)
+
+
+@pytest.mark.timeout(90)
+def test_sigstop_middle_rank_others_give_up_and_name_it():
+    """A stopped rank keeps its sockets open: only the deadline can notice it."""
+    with LiveJob(3, [*THREE, *DECODE]) as job:
+        pids = job.wait_stages()
+        job.wait_for(lambda: len(job.stdout) > 20, 30, "generated text")
+        try:
+            job.signal(1, signal.SIGSTOP)
+            exits = job.wait_exits([0, 2], TIMEOUT + CONFIRM_S + 15)
+            assert set(exits) == {0, 2}, f"exited: {exits}\n{job.report()}"
+            assert min(exits.values()) >= TIMEOUT - 0.5, f"gave up before the deadline: {exits}"
+            assert max(exits.values()) <= TIMEOUT + CONFIRM_S + 3, exits
+            assert alive(pids[1]), "the stopped rank should still exist"
+        finally:
+            # mlx.launch waits for the stopped rank (and may hold back the others' last
+            # lines) until it runs again: resume it.
+            job.signal(1, signal.SIGCONT)
+        resumed = job.wait_exits([1], 15)
+        assert 1 in resumed, job.report()
+        job.wait(15)
+        host = host_of(job, 1)
+        for r in (0, 2):
+            assert any(f"rank 1 ({host}) stopped answering" in e for e in job.errors.get(r, [])), \
+                f"rank {r} did not name rank 1:\n{job.report()}"
+        # Resumed, it finds its deadline long past and says it was the one suspended.
+        assert any("this rank was suspended" in e for e in job.errors.get(1, [])), job.report()
+        assert generated(job) > 0
+        codes = job.exit_codes
+        assert codes.get(0) == EXIT_PEER_LOST and codes.get(2) == EXIT_PEER_LOST, codes
+        assert not job.finished
+        assert job.leftovers() == []
+        print("SIGSTOP rank 1: exits after", exits)
+
+
+@pytest.mark.timeout(60)
+def test_sigint_on_coordinator_stops_every_rank_and_keeps_the_text():
+    with LiveJob(3, [*THREE, *DECODE, "--json"]) as job:
+        job.wait_stages()
+        time.sleep(1.5)  # some tokens generated (JSON mode streams nothing)
+        job.signal(0, signal.SIGINT)
+        exits = job.wait_exits([0, 1, 2], 15)
+        assert set(exits) == {0, 1, 2} and max(exits.values()) <= 10, exits
+        job.wait(15)
+        summary = job.summary()
+        assert summary is not None, f"no partial summary:\n{job.report()}"
+        assert summary["finish_reason"] == "stopped by SIGINT"
+        assert len(summary["tokens"]) > 0 and summary["text"]
+        assert generated(job) == len(summary["tokens"])
+        errors = job.errors
+        assert any("stopped by SIGINT" in e for e in errors[0])
+        host = host_of(job, 0)
+        for r in (1, 2):  # both name rank 0; rank 1 hears why from it directly
+            assert any(f"rank 0 ({host})" in e for e in errors.get(r, [])), \
+                f"rank {r}:\n{job.report()}"
+        assert any(f"rank 0 ({host}) was stopped by SIGINT" in e for e in errors[1]), errors
+        assert job.exit_codes.get(0) == 128 + signal.SIGINT
+        assert not job.finished
+        assert job.leftovers() == []
+        print("SIGINT rank 0: exits after", exits)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_on_coordinator_prints_text_so_far():
+    with LiveJob(2, [*MODEL, *DECODE]) as job:
+        job.wait_stages()
+        job.wait_for(lambda: len(job.stdout) > 20, 30, "generated text")
+        job.signal(0, signal.SIGTERM)
+        exits = job.wait_exits([0, 1], 15)
+        assert set(exits) == {0, 1} and max(exits.values()) <= 10, exits
+        job.wait(15)
+        n = generated(job)
+        assert n > 0 and len(job.stdout.strip()) > 20
+        assert any("stopped by SIGTERM" in e for e in job.errors[0])
+        assert any("rank 0" in e for e in job.errors.get(1, [])), job.report()
+        assert job.exit_codes.get(0) == 128 + signal.SIGTERM
+        assert job.leftovers() == []
+        print("SIGTERM rank 0: exits after", exits)

@@ -1,0 +1,140 @@
+"""launch/hostfile.py: write a hostfile, validate one, and reach every host in it.
+
+Hosts are reached for real where that is possible here: 127.0.0.1 locally. Remote hosts
+go through a stand-in for ssh (a script passed with --ssh) that fails like ssh does,
+or hangs, so the per-host deadline is tested without a network.
+"""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+from dist_runtime.preflight import check_hostfile_data
+from launch.hostfile import build_hostfile
+from tests.launcher import ROOT
+
+TOOL = [sys.executable, str(ROOT / "launch/hostfile.py")]
+
+
+def tool(*args, timeout=60):
+    return subprocess.run([*TOOL, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def errors_of(data):
+    return [p.message for p in check_hostfile_data(data) if p.level == "error"]
+
+
+def test_write_then_check_localhost(tmp_path):
+    out = tmp_path / "hf" / "local.json"
+    w = tool("write", "--hosts", "127.0.0.1,127.0.0.1", "-o", out)
+    assert w.returncode == 0, w.stderr
+    data = json.loads(out.read_text())
+    assert data["backend"] == "ring"
+    assert data["hosts"] == [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2
+    c = tool("check", out, "--json")
+    assert c.returncode == 0, c.stdout + c.stderr
+    report = json.loads(c.stdout)
+    facts = report["hosts"]["127.0.0.1"]["facts"]
+    assert report["ok"] and facts["mlx"] == mx.__version__
+    assert facts["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert facts["available"] > 0 and facts["total"] >= facts["available"]
+    assert facts["project"] is True and "127.0.0.1" in facts["addresses"]
+    text = tool("check", out).stdout
+    assert "host 0,1 127.0.0.1" in text and f"mlx {mx.__version__}" in text and "free of" in text
+
+
+def test_write_with_ips_and_the_existing_hostfiles_are_valid(tmp_path):
+    w = tool("write", "--hosts", "mac1.local,mac2.local", "--ips", "192.168.100.1,192.168.100.2")
+    assert w.returncode == 0, w.stderr
+    assert json.loads(w.stdout)["hosts"][1] == {"ssh": "mac2.local", "ips": ["192.168.100.2"]}
+    for f in sorted((ROOT / "hostfiles").glob("*.json")):
+        assert errors_of(json.loads(f.read_text())) == [], f
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--hosts", "mac1,mac2"], "host 0 (mac1) is a name, and the ring backend needs IP"),
+    (["--hosts", "mac1,mac2", "--ips", "10.0.0.1"], "--hosts has 2 entries but --ips has 1"),
+    (["--hosts", "mac1,mac2", "--ips", "10.0.0.1,mac2.lan"], "'mac2.lan' in \"ips\" is not an IP"),
+    (["--hosts", "mac1,mac2", "--ips", "10.0.0.1,10.0.0.1"], "both list IP 10.0.0.1"),
+])
+def test_write_refuses_a_bad_list(args, expected):
+    w = tool("write", *args)
+    assert w.returncode == 1 and expected in w.stderr, w.stderr
+    assert build_hostfile(["127.0.0.1"])["hosts"] == [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"backend": "ring"}, "has no \"hosts\" list"),
+    ({"hosts": []}, "must be a non-empty list"),
+    ({"hosts": [{"ips": ["10.0.0.1"]}]}, "host 0 has no \"ssh\" name"),
+    ({"hosts": [{"ssh": "a"}, {"ssh": "b"}]}, "host 0 (a) has no \"ips\": the ring backend"),
+    ({"hosts": [{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.1"]}]},
+     "host 1 (b) and host 0 (a) both list IP 10.0.0.1"),
+    ({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]},
+     "lists the loopback address 127.0.0.1, but host 1 (mac2) is another machine"),
+    ({"hosts": [{"ssh": "a", "ips": ["10.0.0.1", "10.0.1.1"]}, {"ssh": "b", "ips": ["10.0.0.2"]}]},
+     "hosts list different numbers of \"ips\""),
+    ({"backend": "tcp", "hosts": [{"ssh": "a", "ips": ["10.0.0.1"]}]}, "unknown backend 'tcp'"),
+    ({"envs": ["NO VALUE"], "hosts": [{"ssh": "a", "ips": ["10.0.0.1"]}]}, "is not \"NAME=value\""),
+])
+def test_validation_errors(data, expected):
+    assert any(expected in e for e in errors_of(data)), errors_of(data)
+
+
+def test_mpi_needs_no_ips_and_localhost_warns_for_ring():
+    assert errors_of({"backend": "mpi", "hosts": [{"ssh": "a"}, {"ssh": "b"}]}) == []
+    problems = check_hostfile_data({"hosts": [{"ssh": "localhost", "ips": ["127.0.0.1"]}]})
+    assert [p.level for p in problems] == ["warning"] and "127.0.0.1" in problems[0].message
+
+
+def test_check_bad_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hosts": [{"ssh": "a", "ips": ["10.0.0.1"]},]}')
+    c = tool("check", bad)
+    assert c.returncode == 1 and "is not valid JSON" in c.stdout and "line 1" in c.stdout
+    c = tool("check", tmp_path / "nope.json")
+    assert c.returncode == 1 and "cannot read hostfile" in c.stdout
+
+
+def fake_ssh(tmp_path, body):
+    script = tmp_path / "fake-ssh"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.timeout(60)
+def test_check_reports_an_unreachable_host(tmp_path):
+    hf = tmp_path / "two.json"
+    hf.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
+                                        {"ssh": "gone.example", "ips": ["127.0.0.1"]}]}))
+    ssh = fake_ssh(tmp_path, "echo 'ssh: connect to host gone.example port 22: "
+                             "Connection refused' >&2; exit 255")
+    c = tool("check", hf, "--ssh", ssh)
+    assert c.returncode == 1
+    assert "host 1 (gone.example): cannot ssh to gone.example (ssh: connect to host" in c.stdout
+    assert "ssh-copy-id gone.example" in c.stdout
+    assert "host 0 127.0.0.1" in c.stdout and "free of" in c.stdout  # the local one answered
+
+
+@pytest.mark.timeout(60)
+def test_check_has_a_deadline_per_host(tmp_path):
+    hf = tmp_path / "slow.json"
+    hf.write_text(json.dumps({"backend": "mpi", "hosts": [{"ssh": "asleep.example"}]}))
+    c = tool("check", hf, "--ssh", fake_ssh(tmp_path, "sleep 30"), "--timeout", "1",
+             timeout=20)
+    assert c.returncode == 1
+    assert "host 0 (asleep.example): did not answer within 1 s" in c.stdout
+
+
+@pytest.mark.timeout(60)
+def test_check_finds_an_ip_the_host_does_not_have(tmp_path):
+    hf = tmp_path / "wrong-ip.json"
+    hf.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["192.0.2.77"]}]}))
+    c = tool("check", hf)
+    assert c.returncode == 1
+    assert "the hostfile gives it IP 192.0.2.77, but its interfaces have" in c.stdout
