@@ -17,6 +17,7 @@ from dist_runtime.checkpoint import UNUSED_PREFIXES, layer_index, safetensors_he
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1,
                "F64": 8, "I64": 8, "U16": 2, "I16": 2, "BOOL": 1}
 EXPERT_MARKERS = (".switch_mlp.", ".experts.")  # stacked expert banks: only top-k are read
+EMBED_MARKERS = ("embed_tokens.", "token_embeddings.", "tok_embeddings.")  # one row a token
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Costs:
     active: list
     kv_per_token: list
     head: int
+    head_active: int = 0  # of `head`, what one token reads: not the embedding table
 
 
 def text_config(config: dict) -> dict:
@@ -54,18 +56,27 @@ def kv_bytes_per_token(config: dict, n_layers: int, dtype_bytes: int = 2) -> lis
     return [2 * kv * width * dtype_bytes] * n_layers
 
 
-def _accumulate(sizes: dict, n_layers: int, frac: float):
-    weight, active, head = [0] * n_layers, [0] * n_layers, 0
+def _accumulate(sizes: dict, n_layers: int, frac: float, tied: bool):
+    weight, active, head, head_active = [0] * n_layers, [0] * n_layers, 0, 0
     for name, nbytes in sizes.items():
         if name.startswith(UNUSED_PREFIXES):
             continue
         i = layer_index(name)
         if i is None:
             head += nbytes
+            if tied or not any(m in name for m in EMBED_MARKERS):
+                head_active += nbytes  # a tied embedding is the LM head too
         elif i < n_layers:  # beyond: multi-token-prediction layers, never loaded
             weight[i] += nbytes
             active[i] += nbytes * frac if any(m in name for m in EXPERT_MARKERS) else nbytes
-    return weight, [int(a) for a in active], head
+    return weight, [int(a) for a in active], head, head_active
+
+
+def tied(config: dict) -> bool:
+    """Whether the LM head reuses the embedding (so a token reads all of it)."""
+    c = text_config(config)
+    return bool(c.get("tie_word_embeddings") or c.get("share_input_output_layers")
+                or c.get("model_type") == "lille-130m")
 
 
 def checkpoint_costs(path: Path, config: dict, n_layers: int) -> Costs:
@@ -77,13 +88,13 @@ def checkpoint_costs(path: Path, config: dict, n_layers: int) -> Costs:
             for d in t["shape"]:
                 n *= d
             sizes[name] = n
-    w, a, h = _accumulate(sizes, n_layers, expert_fraction(config))
-    return Costs(w, a, kv_bytes_per_token(config, n_layers), h)
+    w, a, h, ha = _accumulate(sizes, n_layers, expert_fraction(config), tied(config))
+    return Costs(w, a, kv_bytes_per_token(config, n_layers), h, ha)
 
 
 def model_costs(model, config: dict) -> Costs:
     """Costs from an (unevaluated) model's parameter shapes."""
     sizes = {n: p.nbytes for n, p in tree_flatten(model.parameters())}
     n_layers = len(model.layers)
-    w, a, h = _accumulate(sizes, n_layers, expert_fraction(config))
-    return Costs(w, a, kv_bytes_per_token(config, n_layers), h)
+    w, a, h, ha = _accumulate(sizes, n_layers, expert_fraction(config), tied(config))
+    return Costs(w, a, kv_bytes_per_token(config, n_layers), h, ha)

@@ -2,8 +2,8 @@
 
 Every such error prints one line, prefixed with the rank and host, and exits non-zero
 on that rank; the rank also tells the next one (an ABORT naming itself, or the rank it
-lost), and the news goes round the ring, so no rank waits for it. docs/troubleshooting.md
-lists the messages and their fixes.
+lost), and the news goes round the ring, so no rank waits for it. The README's
+Troubleshooting section lists the messages and their fixes.
 """
 
 from __future__ import annotations

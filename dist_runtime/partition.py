@@ -81,11 +81,13 @@ def _greedy(limit_time: float, time_cost, mem_cost, budgets, extra_time, extra_m
 
 def plan_layers(weight_bytes: Sequence[int], active_bytes: Sequence[int],
                 budgets: Sequence[int], head_bytes: int = 0,
-                kv_bytes: Optional[Sequence[int]] = None,
+                kv_bytes: Optional[Sequence[int]] = None, head_time: Optional[int] = None,
                 split: Optional[Sequence[int]] = None, hosts: Optional[Sequence[str]] = None) -> Plan:
     """The plan; see the module docstring. Budgets and costs in bytes.
 
-    head_bytes: embedding + final norm + LM head, all on rank 0 (so is their time).
+    head_bytes: embedding + final norm + LM head, all on rank 0.
+    head_time: what of those a token reads (the LM head and norm; an embedding lookup
+    reads one row); head_bytes when not given.
     kv_bytes: per layer, the KV cache the run may fill.
     """
     n_layers, n_ranks = len(weight_bytes), len(budgets)
@@ -96,7 +98,8 @@ def plan_layers(weight_bytes: Sequence[int], active_bytes: Sequence[int],
                         f"use at most {n_layers} ranks")
     mem_cost = [w + k for w, k in zip(weight_bytes, kv_bytes)]
     extra_mem = [head_bytes] + [0] * (n_ranks - 1)
-    extra_time = [head_bytes] + [0] * (n_ranks - 1)  # the head reads its bytes each token
+    head_time = head_bytes if head_time is None else head_time
+    extra_time = [head_time] + [0] * (n_ranks - 1)
     if split is not None:
         ranges = ranges_from_counts(check_split(split, n_layers, n_ranks))
         _check_fits(ranges, mem_cost, extra_mem, budgets, hosts)
@@ -107,7 +110,7 @@ def plan_layers(weight_bytes: Sequence[int], active_bytes: Sequence[int],
             f"the model needs {total_mem / GB:.2f} GB (weights + KV room) but the "
             f"{n_ranks} hosts have {sum(budgets) / GB:.2f} GB available together; add a host, "
             f"use a quantized checkpoint, or shorten --max-kv-tokens")
-    lo, hi = 0.0, float(sum(active_bytes) + head_bytes)
+    lo, hi = 0.0, float(sum(active_bytes) + head_time)
     best = _greedy(hi, active_bytes, mem_cost, budgets, extra_time, extra_mem)
     if best is None:
         raise PlanError(_no_fit_message(mem_cost, budgets, head_bytes, hosts))

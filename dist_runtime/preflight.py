@@ -17,7 +17,7 @@ a 100 GB load or as a hang.
   loaded: a rank with an unreadable or corrupt file names the file, the others name it.
 
 Every message names the rank and host, says what is wrong with the value, and the fix;
-docs/troubleshooting.md lists them.
+the README's Troubleshooting section lists them.
 """
 
 from __future__ import annotations
@@ -453,7 +453,7 @@ def budgets_for(infos: list, limits: Optional[list] = None) -> tuple:
 def _auto(costs, budgets, kv, names) -> Optional[Plan]:
     try:
         return plan_layers(costs.weight, costs.active, budgets, head_bytes=costs.head,
-                           kv_bytes=kv, hosts=names)
+                           kv_bytes=kv, hosts=names, head_time=costs.head_active)
     except PlanError:
         return None
 

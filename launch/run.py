@@ -40,7 +40,7 @@ from dist_runtime.stage import Stage, stage_loop  # noqa: E402
 from dist_runtime.tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
 from dist_runtime.transport import EXIT_PEER_LOST, Transport, Watchdog  # noqa: E402
 
-# Deadlines on every wait for another rank (see docs/troubleshooting.md):
+# Deadlines on every wait for another rank (see the README's Troubleshooting section):
 DEFAULT_TIMEOUT = 20.0  # s a rank waits for a neighbour once the first prompt went round
 DEFAULT_FIRST_TIMEOUT = 600.0  # s until then: first kernel compile, a long first prefill
 LOAD_TIMEOUT = 1800.0  # s for every rank to start, pass the checks and load (100 GB loads)

@@ -330,13 +330,13 @@ PRESETS = {
                  rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5,
                  max_position_embeddings=4096, num_nextn_predict_layers=1,
                  tie_word_embeddings=False),
-    # GLM-4.5-Air's layout scaled down for CPU benchmarks: compute, not messaging,
-    # dominates a decode step, and the real vocabulary keeps the head's real weight.
-    "small": dict(_GLM45_COMMON, hidden_size=512, num_hidden_layers=12,
-                  num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                  intermediate_size=1536, moe_intermediate_size=256, n_routed_experts=32,
+    # GLM-4.5-Air's layout scaled down until a CPU rank computes a 1024-token prompt in
+    # seconds (about 15 MFLOP a token): for pipeline benchmarks on loopback.
+    "small": dict(_GLM45_COMMON, hidden_size=256, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=768, moe_intermediate_size=128, n_routed_experts=16,
                   num_experts_per_tok=4, first_k_dense_replace=1, routed_scaling_factor=1.0,
-                  use_qk_norm=False, max_position_embeddings=8192),
+                  use_qk_norm=False, vocab_size=8192, max_position_embeddings=8192),
     # zai-org/GLM-4.5-Air config.json: 106B total, 12B active.
     "glm-4.5-air": dict(_GLM45_COMMON, hidden_size=4096, num_hidden_layers=46,
                         intermediate_size=10944, moe_intermediate_size=1408,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -11,7 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RANK_LINE = re.compile(r"^\[rank (\d+) \(([^)]*)\)\] (\w+):? ?(.*)$")
+# A rank's message; searched, not matched per line: under MPI's raw output two ranks'
+# lines can run together.
+RANK_LINE = re.compile(r"\[rank (\d+) \(([^)]*)\)\] (stage|finished|error):? ?(.*?)"
+                       r"(?=\[rank \d+ \(|\n|$)")
+PORT_RANGE = (20000, 60000)  # ring ports: a random block per job, so jobs never share them
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
@@ -32,11 +37,8 @@ class Job:
             if line.startswith("{"):
                 self.summary = json.loads(line)
                 break
-        for line in self.stderr.splitlines():
-            m = RANK_LINE.match(line.strip())
-            if not m:
-                continue
-            rank, kind, rest = int(m.group(1)), m.group(3), m.group(4)
+        for m in RANK_LINE.finditer(self.stderr):
+            rank, kind, rest = int(m.group(1)), m.group(3), m.group(4).strip()
             if kind == "stage":
                 self.stages[rank] = json.loads(rest)
             elif kind == "finished":
@@ -45,15 +47,21 @@ class Job:
                 self.errors[rank] = rest
 
 
+def launch_cmd(n: int, script, backend: str = "ring") -> list:
+    """mlx.launch's command line for n local ranks of `script`, on ports of its own."""
+    hostfile = ROOT / "hostfiles" / (f"localhost-mpi-{n}.json" if backend == "mpi"
+                                     else f"localhost-{n}.json")
+    port = random.randrange(*PORT_RANGE, 16)
+    return ["mlx.launch", "--hostfile", str(hostfile), "--starting-port", str(port), str(script)]
+
+
 def launch(n: int, args: list, backend: str = "ring", timeout: float = 180, env=None) -> Job:
     """`mlx.launch` launch/run.py on n local ranks (or plain python for n == 1)."""
     full_env = dict(os.environ, **(env or {}))
     if n == 1:
         cmd = [sys.executable, str(ROOT / "launch/run.py"), *args]
     else:
-        hostfile = ROOT / "hostfiles" / (f"localhost-mpi-{n}.json" if backend == "mpi"
-                                         else f"localhost-{n}.json")
-        cmd = ["mlx.launch", "--hostfile", str(hostfile), str(ROOT / "launch/run.py"), *args]
+        cmd = [*launch_cmd(n, ROOT / "launch/run.py", backend), *args]
         if backend == "mpi":
             full_env.update(MPI_ENV)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

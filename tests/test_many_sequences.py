@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.launcher import ROOT
+from tests.launcher import ROOT, launch_cmd
 
 JOB = ROOT / "tests/jobs/many_sequences.py"
 
@@ -20,7 +20,7 @@ def run(n, model):
     args = ["--model", model, "--synthetic", "tiny", "--prompt-lens", "37,5,70,12",
             "--chunk", "8"]
     cmd = ([sys.executable, str(JOB)] if n == 1 else
-           ["mlx.launch", "--hostfile", str(ROOT / f"hostfiles/localhost-{n}.json"), str(JOB)])
+           launch_cmd(n, JOB))
     p = subprocess.run(cmd + args, capture_output=True, text=True, timeout=180, cwd=ROOT,
                        stdin=subprocess.DEVNULL, env=dict(os.environ))
     lines = [line for line in p.stdout.splitlines() if line.startswith("{")]

@@ -104,3 +104,13 @@ def test_bad_split(split, msg):
 def test_more_ranks_than_layers():
     with pytest.raises(PlanError, match="only 2 layers"):
         plan_layers([GB, GB], [GB, GB], [10 * GB] * 3)
+
+
+def test_embedding_costs_rank_0_memory_but_not_time():
+    # A big embedding table is read one row a token: rank 0 should still get its share
+    # of layers when only the (small) LM head counts as time.
+    mem = [GB] * 8
+    heavy = plan_layers(mem, mem, [100 * GB] * 2, head_bytes=6 * GB)
+    light = plan_layers(mem, mem, [100 * GB] * 2, head_bytes=6 * GB, head_time=GB)
+    assert len(light.ranges[0]) > len(heavy.ranges[0])
+    assert max(stage_times(light, mem, GB)) == brute_force(mem, mem, [100 * GB] * 2, GB)
