@@ -20,8 +20,8 @@ import mlx.core as mx
 from dist_runtime.sampling import Sampler
 from dist_runtime.schedule import DONE, SEND, Schedule, SeqState
 from dist_runtime.stage import Stage
-from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STATS,
-                                    OP_STOP, STATS_FIELDS, Header, PeerLost)
+from dist_runtime.transport import (FLAG_RETURN, OP_FORWARD, OP_RELEASE, OP_STATS, OP_STOP,
+                                    STATS_FIELDS, Header)
 
 PREFILL_CHUNK = 512  # most prompt positions per message: bounds activation memory
 MIN_CHUNK = 64  # fewer positions per message waste the matmuls' width
@@ -100,10 +100,7 @@ class Coordinator:
         """Logits [V] of the oldest outstanding result, which must be sequence `seq`'s."""
         if self.n == 1:
             return self._local.popleft()
-        header, h = self.transport.recv(self.n - 1)
-        if header.op == OP_ABORT:
-            raise PeerLost(f"{self.transport.names[header.offset]} failed or was lost "
-                           f"(reported by the ranks after it)")
+        header, h = self.transport.recv(self.n - 1)  # an ABORT raises PeerLost in there
         if header.op != OP_FORWARD or header.seq != seq:
             raise RuntimeError(f"coordinator expected sequence {seq}'s hidden state, got "
                                f"op {header.op} for sequence {header.seq}")

@@ -12,10 +12,10 @@ import time
 
 import mlx.core as mx
 
-ASYNC_EVAL_EVERY = 2  # layers built per hand-off to the device in Stage.forward
-
 from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STATS,
-                                    OP_STOP, Header, PeerLost, TransportError)
+                                    Header, PeerLost, TransportError)
+
+ASYNC_EVAL_EVERY = 2  # layers built per hand-off to the device in Stage.forward
 
 
 class Stage:
