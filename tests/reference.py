@@ -49,3 +49,20 @@ def prompt_tokens(vocab_size: int, n: int = 48, seed: int = 0) -> list:
     """A [1, n] batch of deterministic token ids below vocab_size."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, vocab_size, size=(1, n)).tolist()
+
+
+def chain_vs_whole(a, b, whole, vocab_size: int, n: int = 40) -> float:
+    """Max |logits| difference between stage a -> stage b and the whole model.
+
+    The chain prefills n-2 tokens, then decodes the last two one at a time, with each
+    stage's own caches; the whole model runs one full forward.
+    """
+    toks = mx.array(prompt_tokens(vocab_size, n))
+    caches_a, caches_b = a.make_caches(), b.make_caches()
+
+    def chain(t):
+        return b.head(b.forward_layers(a.forward_layers(a.embed(t), caches_a), caches_b))
+
+    outs = [chain(toks[:, : n - 2])] + [chain(toks[:, i : i + 1]) for i in (n - 2, n - 1)]
+    chained = np.array(mx.concatenate(outs, axis=1))
+    return float(np.abs(chained - np.array(whole(toks))).max())

@@ -8,7 +8,8 @@ from mlx.utils import tree_flatten
 from dist_runtime.synthetic import randomize
 from models import get_module
 from models.base import ConfigError
-from tests.reference import mlxlm_logits, mlxlm_model, our_weights, prompt_tokens, stepwise_logits
+from tests.reference import (chain_vs_whole, mlxlm_logits, mlxlm_model, our_weights,
+                             prompt_tokens, stepwise_logits)
 
 TOL = 1e-4  # fp32 max abs difference allowed against the reference
 SEED = 3
@@ -68,16 +69,7 @@ def test_stage_chain_equals_whole_model():
     # The head is tied: the last stage keeps the embedding matrix to project with.
     assert "transformer.tok_embeddings.weight" in our_weights(b)
     assert "transformer.norm.weight" not in our_weights(a)
-    toks = mx.array(prompt_tokens(cfg["vocab_size"], 40))
-    caches_a, caches_b = a.make_caches(), b.make_caches()
-
-    def chain(t):
-        return b.head(b.forward_layers(a.forward_layers(a.embed(t), caches_a), caches_b))
-
-    # Prefill through the chain, then two decode steps, each against the whole model.
-    outs = [chain(toks[:, :38])] + [chain(toks[:, i : i + 1]) for i in (38, 39)]
-    chained = np.array(mx.concatenate(outs, axis=1))
-    assert np.abs(chained - np.array(whole(toks))).max() <= TOL
+    assert chain_vs_whole(a, b, whole, cfg["vocab_size"]) <= TOL
 
 
 def test_middle_stage_keeps_only_its_layers():
