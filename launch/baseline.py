@@ -55,10 +55,12 @@ def run_baseline(args, source, group, config) -> list:
     from launch.bench import sweep
 
     todo = sorted({(P, G) for P, G, _ in sweep(args)})
-    warm_len = min(max(P for P, _ in todo), 2 * args.prefill_chunk)
+    from launch.bench import warm_up_size
+
+    warm_len, warm_gen = warm_up_size(args)
     warm = np.random.default_rng(999).integers(0, vocab, warm_len).tolist()
     try:
-        for _ in stream_generate(model, tokenizer, warm, max_tokens=4):
+        for _ in stream_generate(model, tokenizer, warm, max_tokens=warm_gen):
             pass
         barrier(group)
     except Exception as e:  # e.g. CUDA: "Recv has no CUDA implementation"
