@@ -31,7 +31,7 @@ import mlx.core as mx  # noqa: E402
 
 from dist_runtime import preflight  # noqa: E402
 from dist_runtime.cluster import gather_infos, init_group, make_plan  # noqa: E402
-from dist_runtime.coordinator import PREFILL_CHUNK, Coordinator  # noqa: E402
+from dist_runtime.coordinator import PIPELINE_CHUNK, PREFILL_CHUNK, Coordinator  # noqa: E402
 from dist_runtime.costs import text_config  # noqa: E402
 from dist_runtime.errors import PreflightError, StartError, fail  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
@@ -84,7 +84,9 @@ def add_model_args(p: argparse.ArgumentParser):
                    "or one per rank), e.g. to leave room for other programs")
     p.add_argument("--max-kv-tokens", type=int, default=4096,
                    help="KV-cache positions to reserve memory for when planning")
-    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help=f"most prompt positions per message (default {PREFILL_CHUNK} on one "
+                   f"rank, {PIPELINE_CHUNK} across ranks; shorter prompts use smaller chunks)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds a rank waits for another before it names it as lost "
                    "(after the first prompt has gone round the ring)")
@@ -116,7 +118,7 @@ def parse_args(argv=None):
         p.error(f"--max-tokens must be at least 1 (how many tokens to generate), got "
                 f"{args.max_tokens}")
     for name in ("prefill_chunk", "max_kv_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("timeout", "first_timeout", "load_timeout"):
         if not getattr(args, name) > 0:

@@ -80,3 +80,13 @@ def test_grid_prints_one_column_per_rank():
     text = format_grid(grid)
     assert text.splitlines()[0].split("|")[1].split() == ["r0", "r1"]
     assert len(text.splitlines()) == len(grid) + 2
+
+
+def test_chunk_size_follows_prompt_and_ring():
+    from dist_runtime.coordinator import MIN_CHUNK, PIPELINE_CHUNK, PREFILL_CHUNK, chunk_size
+
+    assert chunk_size(4096, 1) == PREFILL_CHUNK  # alone: the biggest chunks
+    assert chunk_size(4096, 2) == PIPELINE_CHUNK  # across ranks: the pipeline cap
+    assert chunk_size(300, 2) == MIN_CHUNK  # short prompt: never below the minimum
+    assert chunk_size(1024, 2, largest=512) == 1024 // (4 * 2)  # 4 chunks per stage
+    assert chunk_size(100, 3, largest=8) == 8  # a user's cap wins
