@@ -226,13 +226,18 @@ def run_coordinator(args, life, source, stage, config, transport, summarise, ope
     detok = StreamingDetokenizer(tok)
     text = []
 
+    stop_window = max((len(s) for s in args.stop), default=0)
+    tail = [""]  # the last characters, enough to see a stop string cross pieces
+
     def on_token(token: int) -> bool:
         piece = detok.add(token)
         text.append(piece)
         if not args.json:
             print(piece, end="", flush=True)
-        full = "".join(text)
-        return any(s in full for s in args.stop)
+        if not stop_window:
+            return False
+        tail[0] = (tail[0] + piece)[-(stop_window + len(piece)):]
+        return any(s in tail[0] for s in args.stop)
 
     def on_stop(reason: str):
         res = coord.current

@@ -104,3 +104,18 @@ def test_max_tokens_must_be_positive(value):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr
     assert "--max-tokens" in r.stderr and value in r.stderr
+
+
+def test_stop_string_ends_generation_and_is_cut_from_the_text():
+    base = ["--model", "glm4_moe", "--synthetic", "tiny", "--max-tokens", "40", "--ignore-eos",
+            "--json"]
+    full = summary_of(run_cli(*base))
+    # A stop string taken from the middle of the free-running text.
+    text = full["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 4]
+    assert stop.strip() and text.index(stop) > 0
+    cut = summary_of(run_cli(*base, "--stop", stop))
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == text[: text.index(stop)]
+    assert cut["tokens"] == full["tokens"][: len(cut["tokens"])]
+    assert len(cut["tokens"]) < len(full["tokens"])
