@@ -173,17 +173,20 @@ def write_outputs(out: Path, rows: list, meta: dict):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for impl in sorted({r["impl"] for r in rows}):
         mine = [r for r in rows if r["impl"] == impl and "error" not in r]
-        for G in sorted({r["gen_len"] for r in mine}):
-            sel = sorted((r for r in mine if r["gen_len"] == G), key=lambda r: r["concurrency"])
-            ones = sorted((r for r in sel if r["concurrency"] == 1), key=lambda r: r["prompt_len"])
-            if ones:
-                axes[0].plot([r["prompt_len"] for r in ones], [r["ttft_s"] for r in ones],
-                             marker="o", label=f"{impl} G={G}")
-            by_c = {}
-            for r in sel:
-                by_c.setdefault(r["concurrency"], r)
-            axes[1].plot(list(by_c), [r["decode_tps_aggregate"] for r in by_c.values()],
-                         marker="o", label=f"{impl} G={G}")
+        # Time to first token depends on the prompt only: one line per implementation.
+        ttft = {}
+        for r in sorted(mine, key=lambda r: r["prompt_len"]):
+            if r["concurrency"] == 1:
+                ttft.setdefault(r["prompt_len"], r["ttft_s"])
+        if ttft:
+            axes[0].plot(list(ttft), list(ttft.values()), marker="o", label=impl)
+        # Aggregate decode against concurrency, one line per (prompt, generation).
+        for P, G in sorted({(r["prompt_len"], r["gen_len"]) for r in mine}):
+            sel = sorted((r for r in mine if (r["prompt_len"], r["gen_len"]) == (P, G)),
+                         key=lambda r: r["concurrency"])
+            axes[1].plot([r["concurrency"] for r in sel],
+                         [r["decode_tps_aggregate"] for r in sel], marker="o",
+                         label=f"{impl} P={P} G={G}")
     axes[0].set(xlabel="prompt tokens", ylabel="time to first token (s)", xscale="log")
     axes[1].set(xlabel="concurrent sequences", ylabel="aggregate decode tokens/s")
     for ax in axes:
@@ -240,7 +243,8 @@ def main(argv=None) -> int:
                 "device": str(mx.default_device()), "model": args.model,
                 "synthetic": args.synthetic, "bits": args.bits, "dtype": args.dtype,
                 "plan": plan.describe(), "load_s": load_s, "label": args.label,
-                "title": f"{args.model} {args.synthetic or ''} {args.bits or ''}b, {n} ranks, "
+                "title": f"{args.model} {args.synthetic or ''}"
+                         f"{f' {args.bits}-bit' if args.bits else ''}, {n} ranks, "
                          f"mlx {mx.__version__}, {mx.default_device()}"}
         write_outputs(Path(args.out), rows, meta)
         print(f"wrote {args.out}/results.json, results.csv, results.png", flush=True)
