@@ -180,7 +180,8 @@ class Watchdog:
         with self._cond:
             self._deadline, self._what = time.monotonic() + seconds, what
             self._action = action
-            self._cond.notify()
+            # No notify: the thread looks every TICK_S anyway, and waking it for each of
+            # the many waits of a decode step costs a context switch each.
 
     def disarm(self):
         """The wait finished in time."""
