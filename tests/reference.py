@@ -66,3 +66,19 @@ def chain_vs_whole(a, b, whole, vocab_size: int, n: int = 40) -> float:
     outs = [chain(toks[:, : n - 2])] + [chain(toks[:, i : i + 1]) for i in (n - 2, n - 1)]
     chained = np.array(mx.concatenate(outs, axis=1))
     return float(np.abs(chained - np.array(whole(toks))).max())
+
+
+def build_tiny(model_type: str, start=None, end=None, has_embed=True, has_head=True,
+               seed: int = 3, **overrides):
+    """(config, model): the `tiny` preset (with overrides), optionally pruned to a stage,
+    holding seeded random weights (the same numbers whatever the stage)."""
+    from dist_runtime.synthetic import randomize
+    from models import get_module
+
+    mod = get_module(model_type)
+    cfg = dict(mod.PRESETS["tiny"], **overrides)
+    model = mod.Model(mod.ModelArgs.from_dict(cfg))
+    if start is not None:
+        model.pipeline(start, end, has_embed, has_head)
+    randomize(model, seed=seed)
+    return cfg, model

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from dist_runtime.synthetic import randomize
 from models import get_module
 from models.base import ConfigError
-from tests.reference import (chain_vs_whole, mlxlm_logits, mlxlm_model, our_weights,
+from tests.reference import (build_tiny, chain_vs_whole, mlxlm_logits, mlxlm_model, our_weights,
                              prompt_tokens, stepwise_logits)
 
 TOL = 1e-4  # fp32 max abs difference allowed against the reference
@@ -19,12 +18,7 @@ mod = get_module("lille-130m")
 
 def build(start=None, end=None, has_embed=True, has_head=True, **overrides):
     """Tiny Lille (optionally one pipeline stage of it) with seeded random weights."""
-    cfg = dict(mod.PRESETS["tiny"], **overrides)
-    model = mod.Model(mod.ModelArgs.from_dict(cfg))
-    if start is not None:
-        model.pipeline(start, end, has_embed, has_head)
-    randomize(model, seed=SEED)
-    return cfg, model
+    return build_tiny("lille-130m", start, end, has_embed, has_head, seed=SEED, **overrides)
 
 
 def test_ffn_width():

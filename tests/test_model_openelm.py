@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from dist_runtime.synthetic import randomize
 from models import get_module
-from tests.reference import (chain_vs_whole, mlxlm_logits, mlxlm_model, our_weights,
+from tests.reference import (build_tiny, chain_vs_whole, mlxlm_logits, mlxlm_model, our_weights,
                              prompt_tokens, stepwise_logits)
 
 TOL = 1e-4  # fp32 max abs difference allowed against the reference
@@ -18,12 +17,7 @@ mod = get_module("openelm")
 
 def build(start=None, end=None, has_embed=True, has_head=True, **overrides):
     """Tiny OpenELM (optionally one pipeline stage of it) with seeded random weights."""
-    cfg = dict(mod.PRESETS["tiny"], **overrides)
-    model = mod.Model(mod.ModelArgs.from_dict(cfg))
-    if start is not None:
-        model.pipeline(start, end, has_embed, has_head)
-    randomize(model, seed=SEED)
-    return cfg, model
+    return build_tiny("openelm", start, end, has_embed, has_head, seed=SEED, **overrides)
 
 
 def mlxlm_config(cfg: dict) -> dict:
