@@ -7,8 +7,8 @@ from mlx.utils import tree_flatten
 
 from models import get_module
 from models.base import ConfigError
-from tests.reference import (build_tiny, chain_vs_whole, mlxlm_logits, mlxlm_model, our_weights,
-                             prompt_tokens, stepwise_logits)
+from tests.reference import (build_tiny, chain_vs_whole, mlxlm_logits, mlxlm_model,
+                             our_weights, prompt_tokens, stepwise_logits)
 
 TOL = 1e-4  # fp32 max abs difference allowed against the reference
 SEED = 3
