@@ -6,6 +6,7 @@ its own stage. Nothing here reads a weight before the plan exists.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -70,13 +71,22 @@ class Source:
         return loaded.model, loaded.config, loaded.files_read, loaded.bytes_loaded
 
     def tokenizer_folder(self) -> Path:
-        """Where tokenizer.json lives (synthetic: a freshly built tokenizer)."""
+        """Where tokenizer.json lives (synthetic: a built tokenizer, cached per vocabulary)."""
         if self.path is not None:
             return self.path
-        from dist_runtime.writer import write_tokenizer
+        from dist_runtime.writer import tokenizer_recipe_id, write_tokenizer
 
-        folder = Path(tempfile.mkdtemp(prefix="synthetic-tokenizer-"))
-        write_tokenizer(folder, self.config.get("text_config", self.config)["vocab_size"])
+        vocab = self.config.get("text_config", self.config)["vocab_size"]
+        name = f"mlx-pipeline-tokenizer-{vocab}-{tokenizer_recipe_id()}"
+        folder = Path(tempfile.gettempdir()) / name
+        if not (folder / "tokenizer_config.json").is_file():
+            # Built aside and renamed into place: ranks of one host may race here.
+            tmp = Path(tempfile.mkdtemp(prefix=folder.name + "-", dir=folder.parent))
+            write_tokenizer(tmp, vocab)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another rank got there first: use its copy
+                shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
 

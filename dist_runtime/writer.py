@@ -10,6 +10,7 @@ short built-in text, so any prompt encodes and every id below its size decodes.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +31,12 @@ layers route every token to a few experts; attention looks back over the cache.
 Machines join over Thunderbolt or Ethernet. Quick brown foxes jump over lazy dogs.
 Numbers 0123456789 and punctuation, ; : ! ? ( ) [ ] { } " ' - + = / * & % $ # @.
 Ünïcödé wörds, 日本語のテキスト, 中文文本, emoji 🙂🚀 travel through the byte-level tokenizer."""
+
+
+def tokenizer_recipe_id() -> str:
+    """A short hash of what decides the synthetic tokenizer (for caching it safely)."""
+    recipe = "\0".join([CORPUS, CHAT_TEMPLATE, *SPECIAL_TOKENS, str(TOKENIZER_MAX_VOCAB)])
+    return f"{zlib.crc32(recipe.encode()):08x}"
 
 
 def build_tokenizer(vocab_size: int):
