@@ -394,3 +394,41 @@ def test_write_checkpoint_is_deterministic(tmp_path):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
         assert not np.array_equal(a[name], c[name]), name
+
+
+def test_per_module_quantization_overrides(tmp_path):
+    """A checkpoint quantized by mlx with mixed settings: 4-bit group 64 by default, the LM
+    head at 8 bits group 32, one projection left in full precision. It loads to the same
+    logits as the model it was saved from, and as mlx-lm reading the same folder."""
+    import mlx.nn as nn
+
+    from dist_runtime.checkpoint import build_model
+    from dist_runtime.synthetic import randomize
+    from dist_runtime.writer import save_sharded, write_tokenizer
+
+    config = preset_config("glm4_moe", "tiny")
+    overrides = {"lm_head": {"group_size": 32, "bits": 8},
+                 "model.layers.1.self_attn.q_proj": False}
+    model, _ = build_model(config)
+    randomize(model, seed=4)
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % 64:
+            return False
+        return overrides.get(path, True)
+
+    nn.quantize(model, group_size=64, bits=4, class_predicate=predicate)
+    assert model.lm_head.bits == 8 and model.lm_head.group_size == 32
+    assert not hasattr(model.model.layers[1].self_attn.q_proj, "scales")
+    save_sharded(tmp_path, dict(tree_flatten(model.parameters())), shard_bytes=200_000)
+    quant = {"group_size": 64, "bits": 4, **overrides}
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, quantization=quant)))
+    write_tokenizer(tmp_path, config["vocab_size"])
+
+    loaded = load_model(tmp_path)
+    head = loaded.model.lm_head
+    assert (head.bits, head.group_size) == (8, 32)
+    assert not hasattr(loaded.model.model.layers[1].self_attn.q_proj, "scales")
+    got = logits_of(loaded.model, config)
+    assert np.array_equal(got, logits_of(model, config))
+    assert np.abs(got - mlxlm_logits_from_folder(tmp_path, config)).max() <= TOL
