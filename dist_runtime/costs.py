@@ -29,6 +29,7 @@ class Costs:
     kv_per_token: list
     head: int
     head_active: int = 0  # of `head`, what one token reads: not the embedding table
+    quantized: bool = False  # some weights are already packed (`.scales` tensors)
 
 
 def text_config(config: dict) -> dict:
@@ -89,7 +90,8 @@ def checkpoint_costs(path: Path, config: dict, n_layers: int) -> Costs:
                 n *= d
             sizes[name] = n
     w, a, h, ha = _accumulate(sizes, n_layers, expert_fraction(config), tied(config))
-    return Costs(w, a, kv_bytes_per_token(config, n_layers), h, ha)
+    packed = any(n.endswith(".scales") for n in sizes)
+    return Costs(w, a, kv_bytes_per_token(config, n_layers), h, ha, packed)
 
 
 def model_costs(model, config: dict) -> Costs:
@@ -97,4 +99,5 @@ def model_costs(model, config: dict) -> Costs:
     sizes = {n: p.nbytes for n, p in tree_flatten(model.parameters())}
     n_layers = len(model.layers)
     w, a, h, ha = _accumulate(sizes, n_layers, expert_fraction(config), tied(config))
-    return Costs(w, a, kv_bytes_per_token(config, n_layers), h, ha)
+    packed = any(n.endswith(".scales") for n in sizes)
+    return Costs(w, a, kv_bytes_per_token(config, n_layers), h, ha, packed)

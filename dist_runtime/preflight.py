@@ -490,7 +490,8 @@ def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int) -> str:
     short = need - sum(budgets)
     if short > 0:
         fixes.append(f"add a host with {fmt_bytes(short)} more free memory")
-    fixes.append("use a quantized checkpoint (--bits 4 with --synthetic)")
+    if not costs.quantized:
+        fixes.append("use a quantized checkpoint (--bits 4 with --synthetic)")
     return "; or ".join(fixes)
 
 
