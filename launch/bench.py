@@ -36,9 +36,8 @@ from dist_runtime.cluster import gather_infos, init_group  # noqa: E402
 from dist_runtime.coordinator import Coordinator, Request  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from dist_runtime.stage import stage_loop  # noqa: E402
-from dist_runtime.transport import Transport  # noqa: E402
-from launch.run import (FIRST_TIMEOUT, activation_dtype, add_model_args,  # noqa: E402
-                        hidden_width, setup)
+from dist_runtime.transport import Transport, Watchdog  # noqa: E402
+from launch.run import activation_dtype, add_model_args, hidden_width, start  # noqa: E402
 
 
 
@@ -206,7 +205,7 @@ def main(argv=None) -> int:
     group = init_group()
     rank, n = group.rank(), group.size()
     infos = gather_infos(group)
-    life.me = infos[rank].name
+    life.rank, life.me = rank, infos[rank].name
     if args.baseline == "only":
         from dist_runtime.source import Source
 
@@ -217,11 +216,13 @@ def main(argv=None) -> int:
                                                  "device": str(mx.default_device()),
                                                  "model": args.model, "label": args.label})
         return 0
-    source, plan, stage, config, load_s = setup(args, group, infos)
+    guard = Watchdog(life.me)
+    source, plan, stage, config, load_s, _ = start(args, life, group, infos, guard)
     transport = None
     if n > 1:
         transport = Transport(group, hidden_width(config), activation_dtype(stage.model),
-                              [i.name for i in infos], args.timeout, life)
+                              [i.name for i in infos], args.timeout, life,
+                              first_timeout=args.first_timeout)
     rows = []
     if rank == 0:
         life.set("benchmarking")
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
         coord.stop()
         del coord
     else:
-        stage_loop(stage, transport, FIRST_TIMEOUT)
+        stage_loop(stage, transport, args.first_timeout)
     del stage  # free our weights before the baseline loads its own
     import gc
 

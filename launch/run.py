@@ -35,7 +35,7 @@ from dist_runtime.coordinator import PIPELINE_CHUNK, PREFILL_CHUNK, Coordinator 
 from dist_runtime.costs import text_config  # noqa: E402
 from dist_runtime.errors import PreflightError, StartError, fail  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
-from dist_runtime.source import DTYPES, Source  # noqa: E402
+from dist_runtime.source import DTYPES  # noqa: E402
 from dist_runtime.stage import Stage, stage_loop  # noqa: E402
 from dist_runtime.tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
 from dist_runtime.transport import EXIT_PEER_LOST, Transport, Watchdog  # noqa: E402
@@ -44,7 +44,6 @@ from dist_runtime.transport import EXIT_PEER_LOST, Transport, Watchdog  # noqa: 
 DEFAULT_TIMEOUT = 20.0  # s a rank waits for a neighbour once the first prompt went round
 DEFAULT_FIRST_TIMEOUT = 600.0  # s until then: first kernel compile, a long first prefill
 LOAD_TIMEOUT = 1800.0  # s for every rank to start, pass the checks and load (100 GB loads)
-FIRST_TIMEOUT = LOAD_TIMEOUT  # first wait of a stage in jobs with no barrier after loading
 
 
 class RankParser(argparse.ArgumentParser):
@@ -149,21 +148,6 @@ def activation_dtype(model):
     return kinds.most_common(1)[0][0]
 
 
-def setup(args, group, infos):
-    """This rank's stage and the plan (every rank computes the same plan)."""
-    rank = group.rank()
-    source = Source(args.model, args.synthetic, args.synthetic_seed, args.dtype, args.bits)
-    plan = make_plan(source.costs(), infos, args.max_kv_tokens, args.split,
-                     getattr(args, "memory_limit", None))
-    layers = plan.ranges[rank]
-    t0 = time.perf_counter()
-    model, config, files, nbytes = source.load(layers, has_embed=rank == 0, has_head=rank == 0,
-                                               log_prefix=f"[{infos[rank].name}] ")
-    load_s = time.perf_counter() - t0
-    report_stage(infos[rank].name, model, files, nbytes, load_s)
-    return source, plan, Stage(model, rank, group.size()), config, load_s
-
-
 def start(args, life, group, infos, guard, argv=None):
     """Check the job before any weight is read, load this rank's layers, and wait until
     every rank has loaded (dist_runtime/preflight.py). Every rank raises the same error
@@ -175,8 +159,9 @@ def start(args, life, group, infos, guard, argv=None):
     rank, n = group.rank(), group.size()
     me = infos[rank]
     argv = sys.argv[1:] if argv is None else argv
+    prompt = getattr(args, "prompt", None)  # launch/bench.py makes its own prompts
     opened = preflight.open_model(args, rank, me.host, argv,
-                                  prompt=args.prompt if rank == 0 else None)
+                                  prompt=prompt if rank == 0 else None)
     facts = preflight.gather_facts(group, opened.facts, guard, args.load_timeout)
     for warning in preflight.check_facts(infos, facts, rank):
         print(f"[{me.name}] warning: {warning.message}", file=sys.stderr, flush=True)

@@ -26,8 +26,8 @@ from dist_runtime.cluster import gather_infos, init_group  # noqa: E402
 from dist_runtime.coordinator import Coordinator, Request  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from dist_runtime.stage import stage_loop  # noqa: E402
-from dist_runtime.transport import Transport  # noqa: E402
-from launch.run import FIRST_TIMEOUT, activation_dtype, add_model_args, hidden_width, setup  # noqa: E402
+from dist_runtime.transport import Transport, Watchdog  # noqa: E402
+from launch.run import activation_dtype, add_model_args, hidden_width, start  # noqa: E402
 
 
 def main():
@@ -40,14 +40,15 @@ def main():
     args = p.parse_args()
     group = init_group()
     infos = gather_infos(group)
-    life.me = infos[group.rank()].name
-    source, plan, stage, config, _ = setup(args, group, infos)
+    life.rank, life.me = group.rank(), infos[group.rank()].name
+    source, plan, stage, config, _, _ = start(args, life, group, infos, Watchdog(life.me))
     transport = None
     if group.size() > 1:
         transport = Transport(group, hidden_width(config), activation_dtype(stage.model),
-                              [i.name for i in infos], args.timeout, life)
+                              [i.name for i in infos], args.timeout, life,
+                              first_timeout=args.first_timeout)
     if group.rank() != 0:
-        stage_loop(stage, transport, FIRST_TIMEOUT)
+        stage_loop(stage, transport, args.first_timeout)
         return
     vocab = config.get("text_config", config)["vocab_size"]
     lens = [int(v) for v in args.prompt_lens.split(",")]
