@@ -37,7 +37,7 @@ from dist_runtime.errors import PreflightError, StartError, fail  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from dist_runtime.source import DTYPES  # noqa: E402
 from dist_runtime.stage import Stage, stage_loop  # noqa: E402
-from dist_runtime.tokenizer import StreamingDetokenizer, Tokenizer  # noqa: E402
+from dist_runtime.tokenizer import StreamingDetokenizer  # noqa: E402
 from dist_runtime.transport import EXIT_PEER_LOST, Transport, Watchdog  # noqa: E402
 
 # Deadlines on every wait for another rank (see the README's Troubleshooting section):
@@ -196,15 +196,13 @@ def report_stage(me: str, model, files: list, nbytes: int, load_s: float):
     print(f"[{me}] stage {json.dumps(info)}", file=sys.stderr, flush=True)
 
 
-def run_coordinator(args, life, source, stage, config, transport, summarise, opened=None):
-    """Rank 0: tokenize, generate, stream; on a stop signal or a lost rank, print what it
-    has (`opened`: the tokenizer and prompt ids from the checks, if they ran)."""
-    if opened is not None and opened.prompt is not None:
-        tok, prompt = opened.tokenizer, opened.prompt
-    else:
-        tok = Tokenizer(source.tokenizer_folder(), config)
-        prompt = tok.prompt_ids(args.prompt, chat=not args.no_chat_template)
-    check_context(config, len(prompt), args.max_tokens)
+def run_coordinator(args, life, stage, transport, summarise, opened):
+    """Rank 0: generate, stream; on a stop signal or a lost rank, print what it has.
+
+    `opened` holds the tokenizer and the prompt ids from the start checks, which have
+    also refused a prompt longer than the context.
+    """
+    tok, prompt = opened.tokenizer, opened.prompt
     coord = Coordinator(stage, transport, args.prefill_chunk)
     sampler = Sampler(SamplingParams(args.temp, args.top_k, args.top_p, args.min_p,
                                      args.repetition_penalty, seed=args.seed), prompt)
@@ -250,14 +248,6 @@ def run_coordinator(args, life, source, stage, config, transport, summarise, ope
     peaks = [round(row[1], 4) for row in coord.collect_stats()]  # through the ring: any device
     coord.stop()
     return res, full, len(prompt), peaks
-
-
-def check_context(config: dict, n_prompt: int, max_tokens: int):
-    """Refuse a prompt that does not fit the model's context."""
-    ctx = text_config(config).get("max_position_embeddings") or text_config(config).get("block_size")
-    if ctx and n_prompt >= ctx:
-        raise ValueError(f"the prompt is {n_prompt} tokens but the model's context is {ctx} "
-                         f"(max_position_embeddings); shorten the prompt")
 
 
 def summary(res, text, n_prompt, peaks, load_s, infos, plan) -> dict:
@@ -310,9 +300,9 @@ def main(argv=None) -> int:
             print(f"[{me}] finished", file=sys.stderr, flush=True)
             return 0
         life.set("generating")
-        res, text, n_prompt, peaks = run_coordinator(args, life, source, stage, config, transport,
-                                              lambda r, t, n: summary(r, t, n, [], load_s,
-                                                                      infos, plan), opened)
+        res, text, n_prompt, peaks = run_coordinator(
+            args, life, stage, transport,
+            lambda r, t, n: summary(r, t, n, [], load_s, infos, plan), opened)
     except Exception as e:  # noqa: BLE001  (one error line, the others told, then exit)
         fail(me, e, rank, abort=transport, life=life)
     if args.json:
