@@ -170,9 +170,9 @@ def quantize_like(model: nn.Module, config: dict, weights: dict):
     nn.quantize(model, class_predicate=predicate)
 
 
-def read_weights(path: Path, names: list, progress: Optional[Callable] = None):
-    """Read `names` from the shards that hold them: (weights, files, bytes)."""
-    wmap = weight_map(path)
+def read_weights(path: Path, names: list, wmap: dict, progress: Optional[Callable] = None):
+    """Read `names` from the shards that hold them (`wmap`: weight_map(path)):
+    (weights, files, bytes)."""
     by_file: dict = {}
     for name in names:
         by_file.setdefault(wmap[name], []).append(name)
@@ -206,7 +206,7 @@ def load_model(path: Path, layers: Optional[range] = None, has_embed: bool = Tru
     owned = range(*model.layer_range)
     wmap = weight_map(path)
     names = [n for n in wmap if wanted(n, owned, has_embed or has_head)]
-    weights, files, nbytes = read_weights(path, names, progress)
+    weights, files, _ = read_weights(path, names, wmap, progress)
     try:
         weights = model.sanitize(weights)
     except ValueError as e:  # e.g. an original-layout expert tensor absent from the files

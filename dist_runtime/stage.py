@@ -77,10 +77,6 @@ class Stage:
         """Free sequence `seq`'s caches."""
         self.caches.pop(seq, None)
 
-    def cache_bytes(self) -> int:
-        """Bytes held by all caches of this stage."""
-        return sum(c.nbytes for cs in self.caches.values() for c in cs)
-
 
 def stage_loop(stage: Stage, transport, first_timeout: float):
     """Ranks 1..N-1: receive, run, pass on, until the coordinator says stop.

@@ -14,6 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from dist_runtime.checkpoint import build_model, layer_index
+
 EOS_ID = 2  # synthetic tokenizers put their end-of-text token here
 NORM_SPREAD = 0.1  # 1-D params (norm scales, biases) ~ 1 ± this; off 1 so a swap shows
 
@@ -74,8 +76,6 @@ def synthetic_model(config: dict, seed: int, layers: range = None, has_embed=Tru
     precision plus the packed rest, so a 4-bit GLM-4.5-Air stage fits where its bf16
     weights would not.
     """
-    from dist_runtime.checkpoint import build_model
-
     model, args = build_model(config, layers, has_embed, has_head)
     fill_model(model, seed, dtype, bits, group_size)
     if bits:
@@ -102,20 +102,14 @@ def fill_model(model: nn.Module, seed: int, dtype=mx.float32, bits: int = None,
         if bits:
             nn.quantize(module, group_size, bits, class_predicate=pred)
         mx.eval(module.parameters())
-    rest = {n: p for n, p in tree_flatten(model.parameters()) if _layer_of(n) is None}
+    rest = {n: p for n, p in tree_flatten(model.parameters()) if layer_index(n) is None}
     model.load_weights([(n, param_values(n, p.shape, seed, dtype)) for n, p in rest.items()],
                        strict=False)
     if bits:
         # Non-layer modules (embedding, head) only: layers are already packed.
         nn.quantize(model, group_size, bits,
-                    class_predicate=lambda p, m: _layer_of(p + ".") is None and pred(p, m))
+                    class_predicate=lambda p, m: layer_index(p + ".") is None and pred(p, m))
     mx.eval(model.parameters())
-
-
-def _layer_of(name: str):
-    from dist_runtime.checkpoint import layer_index
-
-    return layer_index(name)
 
 
 def _layers_prefix(model) -> str:

@@ -51,10 +51,6 @@ class KVCache:
             return 0
         return self.keys.nbytes + self.values.nbytes
 
-    def state_arrays(self) -> list:
-        """Arrays to evaluate together with a step's output."""
-        return [] if self.keys is None else [self.keys, self.values]
-
 
 class ChunkedKVCache(KVCache):
     """Cache for chunked local attention: keeps only keys of the current chunk and later.
@@ -66,11 +62,6 @@ class ChunkedKVCache(KVCache):
     def __init__(self, chunk_size: int):
         super().__init__()
         self.chunk_size = chunk_size
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Append, return keys from `self.start` on (the caller masks with `start`)."""
-        k, v = super().update_and_fetch(keys, values)
-        return k, v
 
     def trim(self):
         """Drop keys before the chunk that position `offset` (the next query) belongs to."""
