@@ -1,8 +1,8 @@
-"""Starting a job: the group, each host's facts, the plan, and this rank's stage.
+"""Joining a job: the group, and each host's facts gathered on every rank.
 
 Every rank gathers every rank's host facts (name, available memory, versions) with one
-collective, then computes the plan itself: the partition is a pure function of those
-facts, so all ranks agree without another message. The same gather (`gather_json`)
+collective, then computes the plan itself (dist_runtime/planning.py): the plan is a pure
+function of those facts, so all ranks agree without another message. The same gather (`gather_json`)
 carries the preflight facts and the after-loading status (dist_runtime/preflight.py).
 Every collective here can take a Watchdog and a deadline, since a rank that never
 arrives would otherwise leave the others waiting forever.
@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 import psutil
 
-from dist_runtime import costs as costs_mod  # noqa: F401  (kept for callers)
 from dist_runtime.errors import StartError
-from dist_runtime.partition import Plan
 
 INFO_BYTES = 1024  # room for one rank's JSON facts in the gather
-MEMORY_FRACTION = 0.85  # of available memory a rank may plan to fill (OS, activations)
-PROJECT_VERSION = "0.1.0"
 START_WAIT = ("every rank to start and connect (a host may still be starting, may have "
               "failed to start: look for its error above, or may be unreachable at the "
               "address in the hostfile)")
@@ -53,7 +51,18 @@ class HostInfo:
 def local_info(rank: int) -> HostInfo:
     """This process's facts."""
     return HostInfo(rank, socket.gethostname(), available_memory(), mx.__version__,
-                    PROJECT_VERSION, sys.version.split()[0])
+                    project_version(), sys.version.split()[0])
+
+
+def project_version() -> str:
+    """This project's version, as pyproject.toml states it (read from the checkout, which
+    is what runs: an installed copy's metadata may be older)."""
+    path = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:  # tomllib is Python 3.11+; the one line we need is simple enough to find
+        found = re.search(r'^version\s*=\s*"([^"]+)"', path.read_text(), re.MULTILINE)
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
 
 
 def available_memory() -> int:
@@ -154,15 +163,3 @@ def gather_infos(group, guard=None, timeout: Optional[float] = None) -> list:
     rows = gather_json(group, local_info(group.rank()).__dict__, INFO_BYTES, guard, timeout,
                        kind="host facts")
     return [HostInfo(**r) for r in rows]
-
-
-def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
-              limits: Optional[list] = None) -> Plan:
-    """The partition for these hosts (see dist_runtime/partition.py).
-
-    Errors say which host does not fit, by how much, and a --split or setting that fits
-    (dist_runtime/preflight.py). `limits`: optional per-rank caps in bytes.
-    """
-    from dist_runtime.preflight import plan_with_advice
-
-    return plan_with_advice(costs, infos, max_kv_tokens, split, limits)

@@ -23,27 +23,6 @@ from dist_runtime.stage import Stage
 from dist_runtime.transport import (FLAG_RETURN, OP_FORWARD, OP_RELEASE, OP_STATS, OP_STOP,
                                     STATS_FIELDS, Header)
 
-PREFILL_CHUNK = 512  # most prompt positions per forward on one rank: bounds activations
-# Across ranks, smaller: on two H200s (GLM-4.5-Air, 4 bits, 4096-token prompt) chunks of
-# 128 reached the first token as fast as 512 (6.55 s vs 6.66 s) with 4.3 GB less peak
-# memory per rank, where mlx's kernels for long inputs hold large transient buffers.
-PIPELINE_CHUNK = 128
-MIN_CHUNK = 64  # fewer positions per message waste the matmuls' width
-CHUNKS_PER_STAGE = 4  # a prompt is cut in at least this many chunks per stage, when
-# long enough: N stages then finish it in about (chunks + N - 1) / chunks of one pass
-# over the stages, instead of a full pass per chunk.
-
-
-def chunk_size(prompt_len: int, n_stages: int, largest: Optional[int] = None) -> int:
-    """Prompt positions per message for one prompt on n_stages (largest: a user's cap)."""
-    if largest is None:
-        largest = PREFILL_CHUNK if n_stages == 1 else PIPELINE_CHUNK
-    if n_stages == 1:
-        return largest  # nothing to overlap with: the biggest chunks are fastest
-    want = -(-prompt_len // (CHUNKS_PER_STAGE * n_stages))
-    return max(1, min(largest, max(MIN_CHUNK, want)))
-
-
 @dataclass
 class Request:
     """One sequence to generate."""
@@ -60,7 +39,6 @@ class GenerationResult:
     """What a generation produced and how fast."""
 
     tokens: list = field(default_factory=list)
-    text: str = ""
     prompt_tokens: int = 0
     ttft_s: float = 0.0
     prefill_tps: float = 0.0
@@ -87,20 +65,13 @@ class Coordinator:
     def _send(self, seq: int, tokens: list, want: bool):
         """Embed `tokens` of `seq`, run rank 0's layers, pass them on (or finish locally)."""
         offset = self.stage.offset(seq)
-        h = self.stage.run(self.stage.model.embed(mx.array([tokens])), seq, offset)  # [1, L, D]
+        h = self.stage.run(self.stage.embed(tokens), seq, offset)  # [1, L, D]
         if self.n == 1:
             if want:
-                self._local.append(self._head(h))
+                self._local.append(self.stage.logits(h))
             return
         flags = FLAG_RETURN if want else 0
         self.transport.send(1, Header(OP_FORWARD, seq, offset=offset, flags=flags), h)
-
-    def _head(self, h: mx.array) -> mx.array:
-        t0 = time.perf_counter()
-        logits = self.stage.model.head(h[:, -1:])[0, 0]  # [V]
-        mx.eval(logits)
-        self.stage.busy_s += time.perf_counter() - t0
-        return logits
 
     def _recv(self, seq: int) -> mx.array:
         """Logits [V] of the oldest outstanding result, which must be sequence `seq`'s."""
@@ -110,7 +81,7 @@ class Coordinator:
         if header.op != OP_FORWARD or header.seq != seq:
             raise RuntimeError(f"coordinator expected sequence {seq}'s hidden state, got "
                                f"op {header.op} for sequence {header.seq}")
-        return self._head(h)
+        return self.stage.logits(h)
 
     def generate_many(self, requests: list, max_in_flight: Optional[int] = None) -> list:
         """Generate every request, keeping up to max_in_flight results (default: stages)."""
@@ -118,8 +89,8 @@ class Coordinator:
         states, results, by_seq = [], [], {}
         for req in requests:
             self._next_seq += 1
-            chunk = chunk_size(len(req.prompt), self.n, self.prefill_chunk)
-            st = SeqState(self._next_seq, len(req.prompt), req.max_tokens, chunk)
+            st = SeqState.new(self._next_seq, len(req.prompt), req.max_tokens, self.n,
+                              self.prefill_chunk)
             res = GenerationResult(prompt_tokens=len(req.prompt), finish_reason="length")
             states.append(st)
             results.append(res)

@@ -14,7 +14,8 @@ import traceback
 from dist_runtime.checkpoint import CheckpointError
 from dist_runtime.partition import PlanError
 from dist_runtime.tokenizer import TokenizerError
-from dist_runtime.transport import EXIT_PEER_LOST, PeerLost, TransportError
+from dist_runtime.faults import EXIT_PEER_LOST, PeerLost
+from dist_runtime.transport import TransportError
 from models import ConfigError, UnknownModelType
 
 EXIT_USER_ERROR = 2
@@ -45,24 +46,12 @@ def exit_code(err: Exception) -> int:
     return EXIT_INTERNAL
 
 
-def fail(me: str, err: Exception, rank: int, abort=None, life=None) -> int:
-    """Report `err` for this rank and tell the next rank (`abort`: the Transport).
-
-    With `life` (a Lifecycle) this does not return: it prints once, tells the others,
-    lets the coordinator print its text so far, and exits. Without, it returns the exit
-    code (callers that clean up themselves).
-    """
+def fail(err: Exception, life, faults=None):
+    """Report `err` for this rank, tell the next rank (through `faults`, once the ring
+    carries data), let the coordinator print its text so far, and exit: never returns."""
     code = exit_code(err)
     text = str(err) if code != EXIT_INTERNAL else f"internal error: {type(err).__name__}: {err}"
-    then = (lambda: abort.notify_failure(err)) if abort is not None else None
+    then = (lambda: faults.notify_failure(err)) if faults is not None else None
     if code == EXIT_INTERNAL:  # a bug: the traceback helps whoever reports it
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
-    if life is not None:
-        life.exit_with_error(text, code, reason=f"error: {text}", then=then)
-    print(f"[{me}] error: {text}", file=sys.stderr, flush=True)
-    if then is not None:
-        try:
-            then()
-        except Exception:
-            pass
-    return code
+    life.exit_with_error(text, code, reason=f"error: {text}", then=then)

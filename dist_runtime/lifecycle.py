@@ -62,22 +62,23 @@ class Lifecycle:
         self.doing = "starting"
         # Coordinator: print what was generated; called with the finish reason.
         self.on_stop: Optional[Callable[[str], None]] = None
-        self._transport = None  # weakref to the Transport: who failed, how to tell others
+        self._faults = None  # weakref to the Faults: who failed, how to tell others
         self.exiting = False
         self._exit_lock = threading.Lock()
         block_signals()  # again, in case the caller did not (see block_signals)
         threading.Thread(target=self._wait, daemon=True, name="signals").start()
 
     @property
-    def transport(self):
-        """The Transport, if one exists (held weakly: a reference from this object, which
-        the signal thread keeps alive, would keep the group alive past the end of main,
-        and mlx then never finalizes it; MPI reports that as an improper exit)."""
-        return self._transport() if self._transport is not None else None
+    def faults(self):
+        """The rank's Faults (dist_runtime/faults.py), once the ring carries data (held
+        weakly: a reference from this object, which the signal thread keeps alive, would
+        keep the group alive past the end of main, and mlx then never finalizes it; MPI
+        reports that as an improper exit)."""
+        return self._faults() if self._faults is not None else None
 
-    @transport.setter
-    def transport(self, t):
-        self._transport = weakref.ref(t) if t is not None else None
+    @faults.setter
+    def faults(self, f):
+        self._faults = weakref.ref(f) if f is not None else None
 
     def set(self, doing: str):
         """Record the current activity, for the stop message."""
@@ -111,19 +112,17 @@ class Lifecycle:
                 time.sleep(0.02)
         if self.exiting:  # the main thread is reporting a failure: let it finish
             threading.Event().wait()
-        t = self.transport
-        blame = t.blame if t is not None else None
+        f = self.faults
+        blame = f.blame if f is not None else None
         then = None
         if blame is not None and blame.rank != self.rank:
-            message = f"{t.describe(blame)} (then stopped by {name})"
+            message = f"{f.describe(blame)} (then stopped by {name})"
         else:
             message = f"stopped by {name} while {self.doing}"
             if sig == signal.SIGTERM:
                 message += (" (mlx.launch sends SIGTERM to every rank once one has failed: "
                             "look for the rank that failed first above)")
-            if t is not None:
-                from dist_runtime.transport import STOPPED, Blame
-
-                then = lambda: t.notify(Blame(t.rank, STOPPED, t.rank, sig=sig))  # noqa: E731
+            if f is not None:
+                then = lambda: f.notify_stopped(sig)  # noqa: E731
         self.exit_with_error(message, EXIT_SIGNAL_BASE + sig, reason=f"stopped by {name}",
                              then=then)

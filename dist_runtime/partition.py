@@ -5,7 +5,9 @@ Inputs are numbers only: each layer's weight bytes (memory) and active bytes per
 bytes rank 0 pays for the embedding and head, and the KV-cache bytes per layer. The
 plan minimises the slowest stage's time subject to every rank's memory budget, every
 layer placed exactly once, contiguous, in rank order, at least one layer per rank.
-An infeasible request is refused before any weight is read, with the numbers.
+An infeasible request raises PlanError with the numbers. The rules a user's request
+must meet (a --split, more ranks than layers) and the advice belong to
+dist_runtime/planning.py, which calls this.
 """
 
 from __future__ import annotations
@@ -34,21 +36,6 @@ class Plan:
 def stage_memory(layers: range, weight_bytes, kv_bytes, extra: int) -> int:
     """Bytes a stage needs: its layers' weights and KV room, plus fixed extras."""
     return sum(weight_bytes[i] + kv_bytes[i] for i in layers) + extra
-
-
-def check_split(split: Sequence[int], n_layers: int, n_ranks: int) -> list:
-    """Validate a user `--split a,b,c`: one positive count per rank, summing to the layers."""
-    split = list(split)
-    if len(split) != n_ranks:
-        raise PlanError(f"--split has {len(split)} entries ({','.join(map(str, split))}) but "
-                        f"the job has {n_ranks} ranks; give one layer count per rank")
-    if any(s <= 0 for s in split):
-        raise PlanError(f"--split {','.join(map(str, split))} gives a rank no layers; every "
-                        f"rank needs at least 1")
-    if sum(split) != n_layers:
-        raise PlanError(f"--split {','.join(map(str, split))} sums to {sum(split)} but the model "
-                        f"has {n_layers} layers")
-    return split
 
 
 def ranges_from_counts(counts: Sequence[int]) -> tuple:
@@ -82,7 +69,7 @@ def _greedy(limit_time: float, time_cost, mem_cost, budgets, extra_time, extra_m
 def plan_layers(weight_bytes: Sequence[int], active_bytes: Sequence[int],
                 budgets: Sequence[int], head_bytes: int = 0,
                 kv_bytes: Optional[Sequence[int]] = None, head_time: Optional[int] = None,
-                split: Optional[Sequence[int]] = None, hosts: Optional[Sequence[str]] = None) -> Plan:
+                hosts: Optional[Sequence[str]] = None) -> Plan:
     """The plan; see the module docstring. Budgets and costs in bytes.
 
     head_bytes: embedding + final norm + LM head, all on rank 0.
@@ -93,17 +80,10 @@ def plan_layers(weight_bytes: Sequence[int], active_bytes: Sequence[int],
     n_layers, n_ranks = len(weight_bytes), len(budgets)
     kv_bytes = list(kv_bytes) if kv_bytes is not None else [0] * n_layers
     hosts = list(hosts) if hosts is not None else [f"rank {r}" for r in range(n_ranks)]
-    if n_ranks > n_layers:
-        raise PlanError(f"{n_ranks} ranks but the model has only {n_layers} layers; "
-                        f"use at most {n_layers} ranks")
     mem_cost = [w + k for w, k in zip(weight_bytes, kv_bytes)]
     extra_mem = [head_bytes] + [0] * (n_ranks - 1)
     head_time = head_bytes if head_time is None else head_time
     extra_time = [head_time] + [0] * (n_ranks - 1)
-    if split is not None:
-        ranges = ranges_from_counts(check_split(split, n_layers, n_ranks))
-        _check_fits(ranges, mem_cost, extra_mem, budgets, hosts)
-        return Plan(ranges)
     total_mem = sum(mem_cost) + head_bytes
     if total_mem > sum(budgets):
         raise PlanError(
@@ -122,16 +102,6 @@ def plan_layers(weight_bytes: Sequence[int], active_bytes: Sequence[int],
         else:
             hi, best = mid, counts
     return Plan(ranges_from_counts(best))
-
-
-def _check_fits(ranges, mem_cost, extra_mem, budgets, hosts):
-    for r, rng in enumerate(ranges):
-        need = sum(mem_cost[i] for i in rng) + extra_mem[r]
-        if need > budgets[r]:
-            raise PlanError(
-                f"rank {r} ({hosts[r]}) would hold layers {rng.start}..{rng.stop - 1}, needing "
-                f"{need / GB:.2f} GB, but has {budgets[r] / GB:.2f} GB available; give it fewer "
-                f"layers in --split or leave --split out to plan by memory")
 
 
 def _no_fit_message(mem_cost, budgets, head_bytes, hosts) -> str:

@@ -1,9 +1,10 @@
 """A stage: one rank's slice of the layer stack and the KV caches of its sequences.
 
 A stage knows its index, whether it embeds (first) and whether it holds the head, and
-how to run one chunk of one sequence through its layers. It keeps a separate list of
-caches per sequence id, so sequences in flight never share cache slots. It knows
-nothing of sockets: the loop at the bottom pairs it with a Transport.
+how to run one chunk of one sequence through its layers (the model's `forward_layers`).
+It keeps a separate list of caches per sequence id, so sequences in flight never share
+cache slots, and counts the time it computes. It knows nothing of sockets: the loop at
+the bottom pairs it with a Transport.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import time
 
 import mlx.core as mx
 
-from dist_runtime.transport import (FLAG_RETURN, OP_ABORT, OP_FORWARD, OP_RELEASE, OP_STATS,
-                                    Header, PeerLost, TransportError)
-
-ASYNC_EVAL_EVERY = 2  # layers built per hand-off to the device in Stage.forward
+from dist_runtime.transport import (FLAG_RETURN, OP_FORWARD, OP_RELEASE, OP_STATS, Header,
+                                    TransportError)
 
 
 class Stage:
@@ -23,9 +22,8 @@ class Stage:
 
     def __init__(self, model, index: int, n_stages: int):
         self.model, self.index, self.n_stages = model, index, n_stages
-        self.layer_range = model.layer_range
         self.caches: dict = {}  # sequence id -> list of caches, one per owned layer
-        self.busy_s = 0.0  # seconds spent computing (for the benchmark's busy fraction)
+        self._busy_s = 0.0  # seconds spent computing (for the benchmark's busy fraction)
 
     @property
     def is_last(self) -> bool:
@@ -37,33 +35,39 @@ class Stage:
         caches = self.caches.get(seq)
         return caches[0].offset if caches else 0
 
+    def embed(self, tokens: list) -> mx.array:
+        """Token ids of one sequence -> h [1, L, D] (first stage only)."""
+        return self.model.embed(mx.array([tokens]))
+
     def forward(self, h: mx.array, seq: int, offset: int) -> mx.array:
         """Run h [B, L, D] of sequence `seq` (starting at `offset`) through the owned layers."""
         caches = self.caches.setdefault(seq, self.model.make_caches())
         if caches and caches[0].offset != offset:
             raise TransportError(f"stage {self.index}: sequence {seq} arrives at position "
                                  f"{offset} but its cache holds {caches[0].offset}")
-        model = self.model
-        for n, ((i, layer), cache) in enumerate(zip(model.owned_layers(), caches), 1):
-            h = model.forward_layer(i, layer, h, cache)
-            if n % ASYNC_EVAL_EVERY == 0:
-                # Start the device on the layers built so far while Python builds the
-                # rest: graph building then overlaps execution instead of preceding it.
-                mx.async_eval(h)
-        return h
+        return self.model.forward_layers(h, caches)
 
     def run(self, h: mx.array, seq: int, offset: int) -> mx.array:
-        """forward() evaluated, with its time added to busy_s."""
+        """forward() evaluated, its time counted as busy."""
         t0 = time.perf_counter()
         out = self.forward(h, seq, offset)
         mx.eval(out)
-        self.busy_s += time.perf_counter() - t0
+        self._busy_s += time.perf_counter() - t0
+        return out
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The head on the last position of h [1, L, D] -> logits [V], evaluated and timed
+        (the coordinator only)."""
+        t0 = time.perf_counter()
+        out = self.model.head(h[:, -1:])[0, 0]
+        mx.eval(out)
+        self._busy_s += time.perf_counter() - t0
         return out
 
     def take_stats(self) -> list:
         """[busy seconds, peak memory GB] since the last call; resets both."""
-        out = [self.busy_s, mx.get_peak_memory() / 1e9]
-        self.busy_s = 0.0
+        out = [self._busy_s, mx.get_peak_memory() / 1e9]
+        self._busy_s = 0.0
         mx.reset_peak_memory()
         return out
 
@@ -81,14 +85,14 @@ class Stage:
 def stage_loop(stage: Stage, transport, first_timeout: float):
     """Ranks 1..N-1: receive, run, pass on, until the coordinator says stop.
 
-    The first wait uses `first_timeout` (rank 0 may still be loading or compiling).
+    The first wait uses `first_timeout` (rank 0 may still be loading or compiling). A
+    lost, silent or failed rank upstream, or an ABORT, raises PeerLost in `recv`; the
+    faults protocol has already told the ranks downstream which rank it was.
     """
     prev = stage.index - 1
     nxt = (stage.index + 1) % stage.n_stages
     timeout = first_timeout
     while True:
-        # A lost, silent or failed rank upstream raises PeerLost here; the transport has
-        # already told the ranks downstream (and so the coordinator) which rank it was.
         header, h = transport.recv(prev, timeout)
         timeout = None
         if header.op == OP_FORWARD:
@@ -106,8 +110,6 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
             if not stage.is_last:
                 transport.send(nxt, Header(header.op, header.seq))
             continue
-        # STOP / ABORT go round the whole ring, so rank 0 learns every stage got it.
-        transport.send(nxt, Header(header.op, header.seq, offset=header.offset))
-        if header.op == OP_ABORT:
-            raise PeerLost(f"the job was aborted: {transport.names[header.offset]} failed")
+        # STOP goes round the whole ring, so rank 0 learns every stage got it.
+        transport.send(nxt, Header(header.op, header.seq))
         return header.op

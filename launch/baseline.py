@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from dist_runtime.synthetic import fill_model
+from launch.sweep import format_row, sweep, warm_up_size
 
 
 def mlxlm_model(args, source, group, config):
@@ -52,11 +53,7 @@ def run_baseline(args, source, group, config) -> list:
     tokenizer._eos_token_ids = set()  # ignore EOS, as our rows do
     vocab = config.get("text_config", config)["vocab_size"]
     rows = []
-    from launch.bench import sweep
-
     todo = sorted({(P, G) for P, G, _ in sweep(args)})
-    from launch.bench import warm_up_size
-
     warm_len, warm_gen = warm_up_size(args)
     warm = np.random.default_rng(999).integers(0, vocab, warm_len).tolist()
     try:
@@ -82,8 +79,6 @@ def run_baseline(args, source, group, config) -> list:
                "peak_memory_gb": [round(last.peak_memory, 3)], "wall_s": wall}
         rows.append(row)
         if rank == 0:
-            from launch.bench import format_row
-
             print(format_row(row), flush=True)
     return rows if rank == 0 else []
 

@@ -14,7 +14,6 @@ to --out and prints a table on rank 0.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -32,49 +31,20 @@ pin_gpu()  # before mlx starts CUDA: one GPU per rank
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dist_runtime.cluster import gather_infos, init_group  # noqa: E402
 from dist_runtime.coordinator import Coordinator, Request  # noqa: E402
+from dist_runtime.errors import fail  # noqa: E402
+from dist_runtime.job import start_job  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
-from dist_runtime.stage import stage_loop  # noqa: E402
-from dist_runtime.transport import Transport, Watchdog  # noqa: E402
-from launch.run import activation_dtype, add_model_args, hidden_width, start  # noqa: E402
+from launch.baseline import run_baseline  # noqa: E402
+from launch.options import RankParser, add_model_args, check_model_args  # noqa: E402
+from launch.sweep import (format_row, points, ints, prompt_ids, sweep, vocab_size,  # noqa: E402
+                          warm_up_size)
 
-
-
-def warm_up_size(args) -> tuple:
-    """(prompt, generation) of the warm-up: the largest of the sweep.
-
-    mlx's CUDA backend compiles kernels on first use for each new range of key lengths
-    (measured: decode after a 6000-token prompt took 8.8 ms a step the first time, 4.5
-    the second), so a warm-up must reach every length the timed rows will.
-    """
-    pts = sweep(args)
-    return max(p for p, _, _ in pts), max(g for _, g, _ in pts)
-
-
-def ints(text: str) -> list:
-    """'128,1024' -> [128, 1024]."""
-    return [int(v) for v in text.split(",") if v]
-
-
-def points(text: str) -> list:
-    """'4096:64:1,128:64:16' -> [(4096, 64, 1), (128, 64, 16)]."""
-    try:
-        return [tuple(int(v) for v in t.split(":")) for t in text.split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--points wants P:G:C triples, got {text!r}")
-
-
-def sweep(args) -> list:
-    """The (prompt, generation, concurrency) points to measure."""
-    if args.points:
-        return args.points
-    return [(P, G, C) for P in args.prompt_lens for G in args.gen_lens for C in args.concurrency]
 
 
 def parse_args(argv=None):
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = RankParser(description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--prompt-lens", type=ints, default=[128])
     p.add_argument("--gen-lens", type=ints, default=[32])
@@ -88,17 +58,9 @@ def parse_args(argv=None):
                    "skip our runtime, e.g. when both would not fit in memory at once)")
     p.add_argument("--out", default="runs/bench", help="folder for JSON, CSV and PNG")
     p.add_argument("--label", default="", help="a note stored with every row")
-    return p.parse_args(argv)
-
-
-def prompt_ids(vocab: int, length: int, index: int) -> list:
-    """A deterministic random prompt of exactly `length` ids."""
-    return np.random.default_rng(1000 + index).integers(0, vocab, length).tolist()
-
-
-def vocab_size(config: dict) -> int:
-    """The model's vocabulary size."""
-    return config.get("text_config", config)["vocab_size"]
+    args = p.parse_args(argv)
+    check_model_args(p, args)
+    return args
 
 
 def measure(coord: Coordinator, vocab: int, P: int, G: int, C: int, in_flight: int) -> dict:
@@ -137,18 +99,6 @@ def run_ours(args, coord, config, n_ranks) -> list:
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
-
-
-def format_row(r: dict) -> str:
-    """One table line."""
-    if "error" in r:
-        return f"{r['impl']:<18} P={r['prompt_len']:<6} G={r['gen_len']:<5} error: {r['error']}"
-    busy = "/".join(f"{b:.2f}" for b in r.get("busy_fraction", [])) or "-"
-    mem = "/".join(f"{m:.2f}" for m in r.get("peak_memory_gb", [])) or "-"
-    return (f"{r['impl']:<18} P={r['prompt_len']:<6} G={r['gen_len']:<5} C={r['concurrency']:<3} "
-            f"ttft={r['ttft_s']:8.3f}s prefill={r['prefill_tps']:9.1f} tok/s "
-            f"decode/seq={r['decode_tps_per_seq']:7.1f} agg={r['decode_tps_aggregate']:7.1f} "
-            f"busy={busy} peakGB={mem}")
 
 
 def write_outputs(out: Path, rows: list, meta: dict):
@@ -198,57 +148,56 @@ def write_outputs(out: Path, rows: list, meta: dict):
 
 def main(argv=None) -> int:
     """Entry point on every rank."""
-    from launch.baseline import run_baseline
-
     life = Lifecycle()
     args = parse_args(argv)
-    group = init_group()
-    rank, n = group.rank(), group.size()
-    infos = gather_infos(group)
-    life.rank, life.me = rank, infos[rank].name
     if args.baseline == "only":
-        from dist_runtime.source import Source
-
-        source = Source(args.model, args.synthetic, args.synthetic_seed, args.dtype, args.bits)
-        rows = run_baseline(args, source, group, source.config)
-        if rank == 0:
-            write_outputs(Path(args.out), rows, {"ranks": n, "mlx": mx.__version__,
-                                                 "device": str(mx.default_device()),
-                                                 "model": args.model, "label": args.label})
-        return 0
-    guard = Watchdog(life.me)
-    source, plan, stage, config, load_s, _ = start(args, life, group, infos, guard)
-    transport = None
-    if n > 1:
-        transport = Transport(group, hidden_width(config), activation_dtype(stage.model),
-                              [i.name for i in infos], args.timeout, life,
-                              first_timeout=args.first_timeout)
+        return baseline_only(args)
+    try:
+        job = start_job(args, life, argv)
+    except Exception as e:  # noqa: BLE001  (one error line, the others told, then exit)
+        fail(e, life)
     rows = []
-    if rank == 0:
+    if job.rank == 0:
         life.set("benchmarking")
-        coord = Coordinator(stage, transport, args.prefill_chunk)
-        rows = run_ours(args, coord, config, n)
+        coord = job.coordinator(args.prefill_chunk)
+        rows = run_ours(args, coord, job.config, job.size)
         coord.stop()
         del coord
     else:
-        stage_loop(stage, transport, args.first_timeout)
-    del stage  # free our weights before the baseline loads its own
+        job.serve_stage()
+    job.stage = None  # free our weights before the baseline loads its own
     import gc
 
     gc.collect()
     mx.clear_cache()
     if args.baseline != "off":
-        rows += run_baseline(args, source, group, config)
-    if rank == 0:
-        meta = {"ranks": n, "hosts": [i.host for i in infos], "mlx": mx.__version__,
+        rows += run_baseline(args, job.source, job.group, job.config)
+    if job.rank == 0:
+        n = job.size
+        meta = {"ranks": n, "hosts": [i.host for i in job.infos], "mlx": mx.__version__,
                 "device": str(mx.default_device()), "model": args.model,
                 "synthetic": args.synthetic, "bits": args.bits, "dtype": args.dtype,
-                "plan": plan.describe(), "load_s": load_s, "label": args.label,
+                "plan": job.plan.describe(), "load_s": job.load_s, "label": args.label,
                 "title": f"{args.model} {args.synthetic or ''}"
                          f"{f' {args.bits}-bit' if args.bits else ''}, {n} ranks, "
                          f"mlx {mx.__version__}, {mx.default_device()}"}
         write_outputs(Path(args.out), rows, meta)
         print(f"wrote {args.out}/results.json, results.csv, results.png", flush=True)
+    return 0
+
+
+def baseline_only(args) -> int:
+    """--baseline only: mlx-lm alone, e.g. when both would not fit in memory at once."""
+    from dist_runtime.cluster import init_group
+    from dist_runtime.source import Source
+
+    group = init_group()
+    source = Source(args.model, args.synthetic, args.synthetic_seed, args.dtype, args.bits)
+    rows = run_baseline(args, source, group, source.config)
+    if group.rank() == 0:
+        write_outputs(Path(args.out), rows, {"ranks": group.size(), "mlx": mx.__version__,
+                                             "device": str(mx.default_device()),
+                                             "model": args.model, "label": args.label})
     return 0
 
 

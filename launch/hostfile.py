@@ -27,8 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dist_runtime.preflight import (LOCAL_HOSTS, Problem, _is_ip,  # noqa: E402
-                                    check_hostfile_data, fmt_bytes, load_hostfile)
+from dist_runtime.hostfiles import (LOCAL_HOSTS, Problem, check_hostfile_data,  # noqa: E402
+                                    is_ip, load_hostfile)
+from dist_runtime.planning import fmt_bytes  # noqa: E402
 
 HOST_TIMEOUT = 20.0  # s per host: ssh, start Python, import mlx
 
@@ -71,7 +72,7 @@ def build_hostfile(hosts: list, ips=None, backend: str = "ring", envs=None) -> d
                          f"IP per host, in the same order")
     entries = []
     for i, h in enumerate(hosts):
-        host_ips = [ips[i]] if ips is not None else ([h] if _is_ip(h) else [])
+        host_ips = [ips[i]] if ips is not None else ([h] if is_ip(h) else [])
         if backend == "ring" and not host_ips:
             raise ValueError(f"host {i} ({h}) is a name, and the ring backend needs IP "
                              f"addresses: pass --ips with one address per host (on a Mac: "

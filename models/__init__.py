@@ -1,6 +1,8 @@
 """The architectures, by Hugging Face `model_type`: one literal table, imported lazily.
 
-Adding an architecture means one row here and one case in tests/test_models.py.
+Adding an architecture means one row here, a `tiny` preset in its PRESETS (the shared
+tests in tests/test_models.py run over every row), and its own details in
+tests/test_model_<type>.py.
 """
 
 import importlib

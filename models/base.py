@@ -55,7 +55,7 @@ def causal_mask(n_queries: int, offset: int, start: int = 0) -> mx.array:
     return q_pos >= k_pos
 
 
-def attention_mask(n_queries: int, cache) -> Optional[Any]:
+def attention_mask(n_queries: int) -> Optional[Any]:
     """The mask for a plain causal layer: None for one query, else mlx's fast 'causal'.
 
     mlx's "causal" mask aligns the queries with the last keys, which is the right
@@ -84,6 +84,7 @@ def merge_heads(x: mx.array) -> mx.array:
 
 
 def _resolve(root: nn.Module, path: str):
+    """(parent, leaf name) of a dotted attribute path under `root` (dicts or attributes)."""
     parent = root
     *parents, leaf = path.split(".")
     for p in parents:
@@ -107,8 +108,26 @@ class PipelineMixin:
     NORM_PATH = "model.norm"
     LM_HEAD_PATH: Optional[str] = "lm_head"  # None: the head always reads the embedding
     TIE_FIELD = "tie_word_embeddings"  # the config flag that ties the head to the embedding
+    WIDTH_FIELD = "hidden_size"  # the config field giving the hidden state's width
+
+    @property
+    def hidden_width(self) -> int:
+        """Width D of the hidden state that passes between layers (and between stages)."""
+        return getattr(self.args, self.WIDTH_FIELD)
+
+    def activation_dtype(self):
+        """dtype of the hidden state: the float dtype most of this stage's parameters use
+        (quantized weights count by their scales), which its layers compute in."""
+        from collections import Counter
+
+        from mlx.utils import tree_flatten
+
+        kinds = Counter(p.dtype for _, p in tree_flatten(self.parameters())
+                        if p.dtype in (mx.float32, mx.float16, mx.bfloat16))
+        return kinds.most_common(1)[0][0]
 
     def _part(self, path: str):
+        """The module at dotted `path` (LAYERS_PATH, EMBED_PATH, ...)."""
         parent, leaf = _resolve(self, path)
         return parent[leaf] if isinstance(parent, dict) else getattr(parent, leaf)
 
@@ -127,7 +146,7 @@ class PipelineMixin:
 
     def forward_layer(self, index: int, layer, h: mx.array, cache) -> mx.array:
         """One owned layer (global `index`) with the plain causal mask: h [B, L, D]."""
-        return layer(h, attention_mask(h.shape[1], cache), cache)
+        return layer(h, attention_mask(h.shape[1]), cache)
 
     def forward_layers(self, h: mx.array, caches: list) -> mx.array:
         """Run the owned layers in order (a runtime may call forward_layer itself)."""

@@ -22,6 +22,7 @@ class KVCache:
         self.start = 0  # absolute position of the first key kept (always 0 here)
 
     def _append(self, keys: mx.array, values: mx.array):
+        """Write [B, H, L, Dh] keys/values after the kept ones, growing in GROWTH_STEP slices."""
         n = keys.shape[2]
         used = self.offset - self.start
         if self.keys is None or used + n > self.keys.shape[2]:

@@ -91,6 +91,7 @@ class ExpertGLU(nn.Module):
         return self._glu(xs, indices, False).squeeze(-2)  # [..., k, D]
 
     def _glu(self, x, idx, sorted_indices):
+        """down(silu(gate(x)) * up(x)) through the experts `idx` picks for each row."""
         g = self.gate_proj(x, idx, sorted_indices)
         u = self.up_proj(x, idx, sorted_indices)
         return self.down_proj(nn.silu(g) * u, idx, sorted_indices)

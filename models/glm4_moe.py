@@ -79,6 +79,7 @@ class ModelArgs(BaseConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
+        """Read the transformers-5 `rope_parameters` form, then check the routing fields."""
         rp = self.rope_parameters or {}
         self.rope_theta = rp.get("rope_theta", self.rope_theta)
         self.partial_rotary_factor = rp.get("partial_rotary_factor", self.partial_rotary_factor)
@@ -90,6 +91,7 @@ class ModelArgs(BaseConfig):
         self._check_routing()
 
     def _check_routing(self):
+        """Refuse expert groups that cannot partition the experts or pick top-k of them."""
         E, G = self.n_routed_experts, self.n_group
         if E % G:
             raise ConfigError(f"glm4_moe: n_routed_experts={E} does not split into n_group={G}")

@@ -151,6 +151,7 @@ class Model(nn.Module, PipelineMixin):
     EMBED_PATH = "transformer.tok_embeddings"
     NORM_PATH = "transformer.norm"
     LM_HEAD_PATH = None  # no head matrix of its own: it reads the embedding
+    WIDTH_FIELD = "n_embd"
 
     def __init__(self, args: ModelArgs):
         super().__init__()

@@ -85,6 +85,7 @@ class TextConfig(BaseConfig):
     max_position_embeddings: int = 131072  # no released checkpoint ties the embeddings
 
     def __post_init__(self):
+        """Check the per-layer lists cover every layer."""
         n = self.num_hidden_layers
         for name in ("no_rope_layers", "layer_types"):
             if getattr(self, name) and len(getattr(self, name)) < n:
@@ -142,6 +143,7 @@ class ModelArgs(BaseConfig):
     text_config: dict
 
     def __post_init__(self):
+        """Parse the nested text config."""
         if isinstance(self.text_config, dict):
             self.text_config = TextConfig.from_dict(self.text_config)
 
@@ -222,6 +224,7 @@ class Attention(nn.Module):
             self._rope_periods = 1.0 / rope_inv_freq(hd, *args.rope)
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
+        """RoPE on x [B, H, L, Dh] at `offset` with the (llama3-scaled) frequencies of this layer."""
         return mx.fast.rope(x, x.shape[-1], traditional=True, base=None, scale=1.0,
                             offset=offset, freqs=self._rope_periods)
 
@@ -330,6 +333,11 @@ class Model(nn.Module, PipelineMixin):
         self.text = args.text_config
         self.language_model = LanguageModel(self.text)
 
+    @property
+    def hidden_width(self) -> int:
+        """Width D of the hidden state (the text model's hidden_size)."""
+        return self.text.hidden_size
+
     def make_caches(self) -> list:
         """Per owned layer: a ChunkedKVCache on chunked layers, a full KVCache on global ones."""
         chunk = self.text.attention_chunk_size
@@ -340,7 +348,7 @@ class Model(nn.Module, PipelineMixin):
         """One owned layer, with the mask its global index calls for: h [B, L, D]."""
         n = h.shape[1]
         if not self.text.is_chunked(index):
-            return layer(h, attention_mask(n, cache), cache)
+            return layer(h, attention_mask(n), cache)
         mask = chunked_mask(n, cache.offset, cache.start, self.text.attention_chunk_size)
         h = layer(h, mask, cache)
         cache.trim()  # the next query's chunk never needs the keys before it
@@ -370,6 +378,7 @@ class Model(nn.Module, PipelineMixin):
 
 
 def _config(**text) -> dict:
+    """A preset's config.json: the text model's fields under `text_config`."""
     return dict(model_type="llama4", text_config=dict(model_type="llama4_text", **text))
 
 

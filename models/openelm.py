@@ -231,6 +231,7 @@ class Model(nn.Module, PipelineMixin):
     EMBED_PATH = "transformer.token_embeddings"
     NORM_PATH = "transformer.norm"
     TIE_FIELD = "share_input_output_layers"
+    WIDTH_FIELD = "model_dim"
 
     def __init__(self, args: ModelArgs):
         super().__init__()

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from dist_runtime.transport import CONFIRM_S, EXIT_PEER_LOST
+from dist_runtime.faults import CONFIRM_S, EXIT_PEER_LOST
 from tests.live import LiveJob, alive
 
 TIMEOUT = 5  # --timeout: short, so a silent rank is named within seconds

@@ -12,7 +12,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from dist_runtime.preflight import check_hostfile_data
+from dist_runtime.hostfiles import check_hostfile_data
 from launch.hostfile import build_hostfile
 from tests.launcher import ROOT
 

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from dist_runtime.partition import PlanError, check_split, plan_layers, stage_memory
+from dist_runtime.partition import PlanError, plan_layers, stage_memory
 
 GB = 10**9
 
@@ -84,26 +84,6 @@ def test_kv_room_counts_against_the_budget():
     plan_layers(mem, mem, [10 * GB, 10 * GB])
     with pytest.raises(PlanError):
         plan_layers(mem, mem, [10 * GB, 10 * GB], kv_bytes=[2 * GB] * 4)
-
-
-def test_split_override():
-    plan = plan_layers([GB] * 12, [GB] * 12, [100 * GB] * 3, split=[3, 5, 4])
-    assert [(r.start, r.stop) for r in plan.ranges] == [(0, 3), (3, 8), (8, 12)]
-    with pytest.raises(PlanError, match="would hold layers 0..9"):
-        plan_layers([GB] * 12, [GB] * 12, [5 * GB, 100 * GB], split=[10, 2], hosts=["a", "b"])
-
-
-@pytest.mark.parametrize("split,msg", [
-    ([3, 5], "has 2 entries"), ([0, 6, 6], "gives a rank no layers"), ([3, 5, 5], "sums to 13"),
-])
-def test_bad_split(split, msg):
-    with pytest.raises(PlanError, match=msg):
-        check_split(split, 12, 3)
-
-
-def test_more_ranks_than_layers():
-    with pytest.raises(PlanError, match="only 2 layers"):
-        plan_layers([GB, GB], [GB, GB], [10 * GB] * 3)
 
 
 def test_embedding_costs_rank_0_memory_but_not_time():

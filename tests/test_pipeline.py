@@ -44,7 +44,7 @@ def single(checkpoints):
     """One-process reference runs, with first-token logits."""
     out = {}
     for m, path in checkpoints.items():
-        job = launch(1, ["--model", str(path), *GEN], env={"PIPELINE_DUMP_LOGITS": "1"})
+        job = launch(1, ["--model", str(path), *GEN, "--dump-logits"])
         assert job.summary, job.stderr
         out[m] = job.summary
     return out
@@ -66,7 +66,7 @@ def compare(job, ref):
 @pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("model", ["glm4_moe", "llama4"])
 def test_ring_equals_one_process(checkpoints, single, model, n):
-    job = launch(n, ["--model", str(checkpoints[model]), *GEN], env={"PIPELINE_DUMP_LOGITS": "1"})
+    job = launch(n, ["--model", str(checkpoints[model]), *GEN, "--dump-logits"])
     check_job(job, n)
     compare(job, single[model])
     ranges = [tuple(p["layers"]) for p in job.summary["plan"]]
@@ -76,8 +76,7 @@ def test_ring_equals_one_process(checkpoints, single, model, n):
 
 @pytest.mark.parametrize("model", ["glm4_moe", "llama4"])
 def test_split_override(checkpoints, single, model):
-    job = launch(3, ["--model", str(checkpoints[model]), "--split", "1,4,2", *GEN],
-                 env={"PIPELINE_DUMP_LOGITS": "1"})
+    job = launch(3, ["--model", str(checkpoints[model]), "--split", "1,4,2", *GEN, "--dump-logits"])
     check_job(job, 3)
     assert [p["layers"] for p in job.summary["plan"]] == [[0, 1], [1, 5], [5, 7]]
     compare(job, single[model])
@@ -86,8 +85,7 @@ def test_split_override(checkpoints, single, model):
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI not installed")
 @pytest.mark.parametrize("model", ["glm4_moe", "llama4"])
 def test_mpi_equals_one_process(checkpoints, single, model):
-    job = launch(2, ["--model", str(checkpoints[model]), *GEN], backend="mpi",
-                 env={"PIPELINE_DUMP_LOGITS": "1"})
+    job = launch(2, ["--model", str(checkpoints[model]), *GEN, "--dump-logits"], backend="mpi")
     check_job(job, 2)
     compare(job, single[model])
 
@@ -116,7 +114,7 @@ def expected_share(path, layers: range, non_layer: bool) -> int:
 @pytest.mark.parametrize("model", ["glm4_moe", "llama4"])
 def test_each_rank_holds_only_its_share(checkpoints, model):
     path = checkpoints[model]
-    job = launch(3, ["--model", str(path), *GEN])
+    job = launch(3, ["--model", str(path), *GEN, "--dump-logits"])
     check_job(job, 3)
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     for rank, info in job.stages.items():

@@ -83,7 +83,7 @@ def test_grid_prints_one_column_per_rank():
 
 
 def test_chunk_size_follows_prompt_and_ring():
-    from dist_runtime.coordinator import MIN_CHUNK, PIPELINE_CHUNK, PREFILL_CHUNK, chunk_size
+    from dist_runtime.schedule import MIN_CHUNK, PIPELINE_CHUNK, PREFILL_CHUNK, chunk_size
 
     assert chunk_size(4096, 1) == PREFILL_CHUNK  # alone: the biggest chunks
     assert chunk_size(4096, 2) == PIPELINE_CHUNK  # across ranks: the pipeline cap

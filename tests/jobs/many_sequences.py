@@ -22,12 +22,10 @@ import argparse  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dist_runtime.cluster import gather_infos, init_group  # noqa: E402
 from dist_runtime.coordinator import Coordinator, Request  # noqa: E402
+from dist_runtime.job import start_job  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
-from dist_runtime.stage import stage_loop  # noqa: E402
-from dist_runtime.transport import Transport, Watchdog  # noqa: E402
-from launch.run import activation_dtype, add_model_args, hidden_width, start  # noqa: E402
+from launch.options import add_model_args  # noqa: E402
 
 
 def main():
@@ -38,19 +36,12 @@ def main():
     p.add_argument("--gen", type=int, default=10)
     p.add_argument("--chunk", type=int, default=8)
     args = p.parse_args()
-    group = init_group()
-    infos = gather_infos(group)
-    life.rank, life.me = group.rank(), infos[group.rank()].name
-    source, plan, stage, config, _, _ = start(args, life, group, infos, Watchdog(life.me))
-    transport = None
-    if group.size() > 1:
-        transport = Transport(group, hidden_width(config), activation_dtype(stage.model),
-                              [i.name for i in infos], args.timeout, life,
-                              first_timeout=args.first_timeout)
-    if group.rank() != 0:
-        stage_loop(stage, transport, args.first_timeout)
+    job = start_job(args, life)
+    if job.rank != 0:
+        job.serve_stage()
         return
-    vocab = config.get("text_config", config)["vocab_size"]
+    stage, transport = job.stage, job.transport
+    vocab = job.config.get("text_config", job.config)["vocab_size"]
     lens = [int(v) for v in args.prompt_lens.split(",")]
     prompts = [np.random.default_rng(i).integers(0, vocab, n).tolist() for i, n in enumerate(lens)]
     # Different generation lengths, so sequences finish at different times.

@@ -1,0 +1,126 @@
+"""A started job: this rank's place in the ring and everything it needs to take part.
+
+`start_job` is the one start path for run.py, bench.py, the server and the tests' jobs:
+join the group, gather every host's facts, open the model and agree on it
+(dist_runtime/preflight.py), plan (dist_runtime/planning.py), load this rank's layers,
+wait until every rank has loaded, and connect the ring. One Watchdog guards every wait
+of the rank, from the first connection to the last message (dist_runtime/faults.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from dist_runtime import preflight
+from dist_runtime.cluster import gather_infos, init_group
+from dist_runtime.coordinator import Coordinator
+from dist_runtime.faults import EXIT_PEER_LOST, Faults, Watchdog
+from dist_runtime.hostfiles import check_start_env
+from dist_runtime.partition import Plan
+from dist_runtime.planning import make_plan
+from dist_runtime.stage import Stage, stage_loop
+from dist_runtime.transport import Transport
+
+
+@dataclass
+class Job:
+    """This rank's share of a started job."""
+
+    group: object
+    infos: list  # HostInfo per rank, in rank order
+    plan: Plan
+    stage: Stage
+    source: object  # dist_runtime.source.Source: config, tokenizer folder, weights
+    opened: preflight.Opened  # rank 0: the tokenizer and the prompt ids
+    faults: Faults
+    transport: Optional[Transport]  # None when the job has one rank
+    load_s: float
+    first_timeout: float
+
+    @property
+    def rank(self) -> int:
+        """This process's rank."""
+        return self.group.rank()
+
+    @property
+    def size(self) -> int:
+        """Ranks in the job."""
+        return self.group.size()
+
+    @property
+    def config(self) -> dict:
+        """The model's config.json."""
+        return self.source.config
+
+    def coordinator(self, prefill_chunk: Optional[int] = None) -> Coordinator:
+        """Rank 0's driver of the ring."""
+        return Coordinator(self.stage, self.transport, prefill_chunk)
+
+    def serve_stage(self):
+        """Ranks 1..N-1: run the stage loop until the coordinator says stop."""
+        stage_loop(self.stage, self.transport, self.first_timeout)
+
+
+def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = None) -> Job:
+    """Start this rank's part of the job described by `args` (run.py's model options).
+
+    Every rank raises the same error for a failed check; a rank that cannot load raises
+    its own, the others name it. `prompt` (rank 0 only) is tokenized in the checks, so a
+    prompt longer than the context is refused before any weight is read.
+    """
+    check_start_env()
+    watchdog = Watchdog(on_expire=lambda what: life.exit_with_error(what, EXIT_PEER_LOST))
+    group = init_group(watchdog, args.load_timeout)
+    rank, n = group.rank(), group.size()
+    life.rank = rank
+    infos = gather_infos(group, watchdog, args.load_timeout)
+    me = life.me = infos[rank].name
+    life.set("checking the job before loading")
+    argv = sys.argv[1:] if argv is None else argv
+    opened = preflight.open_model(args, rank, infos[rank].host, argv,
+                                  prompt=prompt if rank == 0 else None)
+    facts = preflight.gather_facts(group, opened.facts, watchdog, args.load_timeout)
+    for warning in preflight.check_facts(infos, facts, rank):
+        print(f"[{me}] warning: {warning.message}", file=sys.stderr, flush=True)
+    plan = make_plan(opened.costs, infos, args.max_kv_tokens, args.split, args.memory_limit)
+    life.set("loading")
+    t0 = time.perf_counter()
+    error, loaded = None, None
+    try:
+        loaded = opened.source.load(plan.ranges[rank], has_embed=rank == 0, has_head=rank == 0,
+                                    log_prefix=f"[{me}] ")
+    except Exception as e:  # the others learn it at the barrier, and name this rank
+        error = e
+    load_s = time.perf_counter() - t0
+    if error is None:  # as soon as loaded: the ranks' lines come at different moments
+        model, _config, files, nbytes = loaded
+        report_stage(me, model, files, nbytes, load_s)
+    preflight.ready_barrier(group, infos, rank, error, watchdog, args.load_timeout)
+    stage = Stage(model, rank, n)
+    faults = Faults(rank, n, [i.name for i in infos], watchdog, life, args.timeout)
+    life.faults = faults
+    transport = None
+    if n > 1:
+        transport = Transport(group, model.hidden_width, model.activation_dtype(), faults,
+                              args.timeout, args.first_timeout)
+    return Job(group, infos, plan, stage, opened.source, opened, faults, transport, load_s,
+               args.first_timeout)
+
+
+def report_stage(me: str, model, files: list, nbytes: int, load_s: float):
+    """One stderr line per rank: what it holds and what it read (operators and tests)."""
+    from mlx.utils import tree_flatten
+
+    params = tree_flatten(model.parameters())
+    layers = [i for i, _ in model.owned_layers()]
+    top = sorted({n.split(".layers.")[0] if ".layers." in n else n.rsplit(".", 1)[0]
+                  for n, _ in params if ".layers." not in n and not n.startswith("layers.")})
+    info = {"layers": [layers[0], layers[-1] + 1], "modules": top, "pid": os.getpid(),
+            "param_bytes": sum(p.nbytes for _, p in params), "loaded_bytes": nbytes,
+            "files": files, "load_s": round(load_s, 3)}
+    print(f"[{me}] stage {json.dumps(info)}", file=sys.stderr, flush=True)

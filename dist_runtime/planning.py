@@ -1,0 +1,183 @@
+"""Planning: which layers each rank holds, checked against what each host can use.
+
+The one owner of the plan's rules. Budgets come from each host's available memory
+(gathered at start, dist_runtime/cluster.py) and `--memory-limit`; KV room for
+`--max-kv-tokens` counts against them; rank 0 also pays for the embedding and head.
+A `--split` is validated here (one count per rank, each at least 1, adding up to the
+layers, fitting every host); otherwise the partition (dist_runtime/partition.py, a pure
+function) finds the fastest plan that fits. Every refusal names the host, the numbers
+and a fix: a --split that fits, a --max-kv-tokens that fits, or what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Optional
+
+from dist_runtime.partition import Plan, PlanError, plan_layers, ranges_from_counts
+
+MEMORY_FRACTION = 0.85  # of available memory a rank may plan to fill (OS, activations)
+
+
+
+def fmt_bytes(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as memory is sold)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def counts_text(counts) -> str:
+    """[1, 2, 1] -> '1,2,1'."""
+    return ",".join(str(c) for c in counts)
+
+
+
+def parse_memory_limits(text: str) -> list:
+    """argparse type for --memory-limit: '64' or '64,48.5' (GB) -> [GB, ...]."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--memory-limit takes GB per rank, e.g. 64 or 64,48; got {text!r}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--memory-limit values must be finite numbers of GB "
+                                         f"above 0, e.g. 64; got {text!r}")
+    return values
+
+
+def budgets_for(infos: list, limits: Optional[list] = None) -> tuple:
+    """(bytes each rank may plan to fill, why) from available memory and --memory-limit."""
+    n = len(infos)
+    if limits is not None and len(limits) not in (1, n):
+        raise PlanError(f"--memory-limit has {len(limits)} values but the job has {n} ranks; "
+                        f"give one value for all, or one per rank")
+    budgets, why = [], []
+    for r, info in enumerate(infos):
+        b = int(info.available * MEMORY_FRACTION)
+        w = f"{int(MEMORY_FRACTION * 100)}% of its {fmt_bytes(info.available)} available"
+        if limits is not None:
+            cap = int(limits[0 if len(limits) == 1 else r] * 1e9)
+            if cap < b:
+                b, w = cap, f"its --memory-limit {cap / 1e9:g} GB"
+        budgets.append(b)
+        why.append(w)
+    return budgets, why
+
+
+def _auto(costs, budgets, kv, names) -> Optional[Plan]:
+    try:
+        return plan_layers(costs.weight, costs.active, budgets, head_bytes=costs.head,
+                           kv_bytes=kv, hosts=names, head_time=costs.head_active)
+    except PlanError:
+        return None
+
+
+def _kv_that_fits(costs, budgets, names, max_kv: int) -> int:
+    """The largest --max-kv-tokens below max_kv with which some plan fits, or 0."""
+    def fits(k):
+        return _auto(costs, budgets, [b * k for b in costs.kv_per_token], names) is not None
+
+    lo, hi = 0, max_kv - 1
+    if hi < 1 or not fits(1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int) -> str:
+    fixes = []
+    smallest = min(w + k * max_kv for w, k in zip(costs.weight, costs.kv_per_token))
+    empty = [nm for r, (nm, b) in enumerate(zip(names, budgets))
+             if b < smallest + (costs.head if r == 0 else 0)]
+    if empty:
+        head = " (rank 0 also the embedding and head)" if names[0] in empty else ""
+        fixes.append(f"{', '.join(empty)} cannot hold even one layer ({fmt_bytes(smallest)} "
+                     f"with its KV room{head}): give it more memory or leave it out of the "
+                     f"hostfile")
+    k = _kv_that_fits(costs, budgets, names, max_kv)
+    if k:
+        fixes.append(f"--max-kv-tokens {k} fits (the prompt and the generated tokens must "
+                     f"stay under it)")
+    short = need - sum(budgets)
+    if short > 0:
+        fixes.append(f"add a host with {fmt_bytes(short)} more free memory")
+    if not costs.quantized:
+        fixes.append("use a quantized checkpoint (--bits 4 with --synthetic)")
+    return "; or ".join(fixes)
+
+
+def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
+              limits: Optional[list] = None) -> Plan:
+    """The plan, or a PlanError naming the host that does not fit and a fix."""
+    names = [i.name for i in infos]
+    n, n_layers = len(infos), len(costs.weight)
+    budgets, why = budgets_for(infos, limits)
+    kv = [k * max_kv_tokens for k in costs.kv_per_token]
+    if n > n_layers:
+        raise PlanError(f"the job has {n} ranks but the model has only {n_layers} layers, and "
+                        f"every rank needs at least one; list at most {n_layers} hosts in "
+                        f"the hostfile")
+    auto = _auto(costs, budgets, kv, names)
+    need_all = sum(costs.weight) + sum(kv) + costs.head
+    if split is not None:
+        fix = (f"--split {counts_text(len(r) for r in auto.ranges)} fits every host's memory "
+               f"(or leave --split out to plan by memory)" if auto is not None else
+               f"e.g. --split {counts_text(even_split(n_layers, n))}, though no split fits "
+               f"the hosts' memory: " + _no_fit_fixes(costs, budgets, names, max_kv_tokens,
+                                                      need_all))
+        return _checked_split(list(split), costs, kv, budgets, why, names, max_kv_tokens, fix)
+    if auto is not None:
+        return auto
+    hosts = ", ".join(f"{nm} can use {fmt_bytes(b)} ({w})" for nm, b, w in zip(names, budgets, why))
+    raise PlanError(
+        f"the model does not fit these {n} hosts: it needs {fmt_bytes(need_all)} "
+        f"({fmt_bytes(sum(costs.weight) + costs.head)} of weights + {fmt_bytes(sum(kv))} of KV "
+        f"room for --max-kv-tokens {max_kv_tokens}; its largest layer "
+        f"{fmt_bytes(max(w + k for w, k in zip(costs.weight, kv)))}, and rank 0 also holds "
+        f"{fmt_bytes(costs.head)} of embedding and head), and no contiguous split keeps every "
+        f"host within its memory: {hosts}. Fix: "
+        + _no_fit_fixes(costs, budgets, names, max_kv_tokens, need_all))
+
+
+def _checked_split(split: list, costs, kv: list, budgets: list, why: list, names: list,
+                   max_kv_tokens: int, fix: str) -> Plan:
+    """A user's --split as a Plan: one count per rank, each at least 1, adding up to the
+    layers, every rank within its budget; else PlanError ending with `fix`."""
+    n, n_layers, text = len(names), len(costs.weight), counts_text(split)
+    if len(split) != n:
+        raise PlanError(f"--split {text} has {len(split)} layer counts but the job has {n} "
+                        f"ranks (one per host in the hostfile); {fix}")
+    bad = [r for r, c in enumerate(split) if c <= 0]
+    if bad:
+        raise PlanError(f"--split {text} gives {names[bad[0]]} {split[bad[0]]} layers; every "
+                        f"rank needs at least 1; {fix}")
+    if sum(split) != n_layers:
+        raise PlanError(f"--split {text} adds up to {sum(split)} layers but the model has "
+                        f"{n_layers}; {fix}")
+    ranges = ranges_from_counts(split)
+    for r, rng in enumerate(ranges):
+        w = sum(costs.weight[i] for i in rng)
+        k = sum(kv[i] for i in rng)
+        head = costs.head if r == 0 else 0
+        if w + k + head > budgets[r]:
+            parts = f"{fmt_bytes(w)} of weights + {fmt_bytes(k)} of KV room for " \
+                    f"--max-kv-tokens {max_kv_tokens}"
+            if head:
+                parts += f" + {fmt_bytes(head)} of embedding and head"
+            raise PlanError(
+                f"--split {text}: {names[r]} would hold layers {rng.start}..{rng.stop - 1} "
+                f"({len(rng)} layers), needing {parts} = {fmt_bytes(w + k + head)}, but it "
+                f"can use {fmt_bytes(budgets[r])} ({why[r]}); {fix}")
+    return Plan(ranges)
+
+
+def even_split(n_layers: int, n: int) -> list:
+    """Layer counts as equal as can be, the extra layers on the last ranks."""
+    base, extra = divmod(n_layers, n)
+    return [base + (1 if r >= n - extra else 0) for r in range(n)]

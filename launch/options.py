@@ -1,0 +1,87 @@
+"""Command-line options every launcher shares: the model, its split, and the deadlines.
+
+run.py, bench.py and the tests' jobs take these alike, so one hostfile and one set of
+model options work for all. Errors print as '[rank r (host)] error: ...' and exit 2 on
+every rank, before any rank connects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+from dist_runtime.lifecycle import env_rank
+from dist_runtime.planning import parse_memory_limits
+from dist_runtime.schedule import PIPELINE_CHUNK, PREFILL_CHUNK
+from dist_runtime.source import DTYPES
+
+# Deadlines on every wait for another rank (see the README's Troubleshooting section):
+DEFAULT_TIMEOUT = 20.0  # s a rank waits for a neighbour once the first prompt went round
+DEFAULT_FIRST_TIMEOUT = 600.0  # s until then: first kernel compile, a long first prefill
+LOAD_TIMEOUT = 1800.0  # s for every rank to start, pass the checks and load (100 GB loads)
+
+
+class RankParser(argparse.ArgumentParser):
+    """Argument errors as '[rank r (host)] error: ...' and exit 2, on every rank alike."""
+
+    def error(self, message):
+        rank = env_rank()
+        print(f"[rank {0 if rank is None else rank} ({socket.gethostname()})] error: "
+              f"{message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def layer_counts(text: str) -> list:
+    """argparse type for --split: '10,12,12' -> [10, 12, 12]."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--split must be comma-separated layer counts, e.g. 10,12; got {text!r}")
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    """Options that choose the model, how it is split, and the deadlines."""
+    p.add_argument("--model", required=True, help="alias (glm4_moe, llama4, glm, openelm, "
+                   "lille-130m), local folder, or Hugging Face repo id")
+    p.add_argument("--synthetic", metavar="PRESET", help="random weights of a preset (tiny, "
+                   "glm-4.5-air, llama-4-scout, ...) instead of a checkpoint; --model names "
+                   "the architecture")
+    p.add_argument("--synthetic-seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="synthetic weights' dtype")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="quantize synthetic weights")
+    p.add_argument("--split", type=layer_counts,
+                   help="layers per rank, e.g. 10,12,12,12 (default: by memory)")
+    p.add_argument("--memory-limit", type=parse_memory_limits, metavar="GB[,GB...]",
+                   help="plan with at most this much memory per rank (one value for all, "
+                   "or one per rank), e.g. to leave room for other programs")
+    p.add_argument("--max-kv-tokens", type=int, default=4096,
+                   help="KV-cache positions to reserve memory for when planning")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help=f"most prompt positions per message (default {PREFILL_CHUNK} on one "
+                   f"rank, {PIPELINE_CHUNK} across ranks; shorter prompts use smaller chunks)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds a rank waits for another before it names it as lost "
+                   "(after the first prompt has gone round the ring)")
+    p.add_argument("--first-timeout", type=float, default=DEFAULT_FIRST_TIMEOUT,
+                   help="the same until the first prompt has gone round (first compile, "
+                   "long first prefill); at least --timeout")
+    p.add_argument("--load-timeout", type=float, default=LOAD_TIMEOUT,
+                   help="seconds for every rank to start, pass the checks and load its layers")
+
+
+def check_model_args(p: argparse.ArgumentParser, args):
+    """The range checks argparse cannot express; p.error (exit 2) on the first failure."""
+    for name in ("prefill_chunk", "max_kv_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("timeout", "first_timeout", "load_timeout"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be above 0 seconds, got "
+                    f"{getattr(args, name)}")
+    if args.first_timeout < args.timeout:
+        p.error(f"--first-timeout ({args.first_timeout:g} s) is below --timeout "
+                f"({args.timeout:g} s); the first prompt's waits may take longer than later "
+                f"ones, never shorter: raise --first-timeout to at least {args.timeout:g}")
