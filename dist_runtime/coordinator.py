@@ -148,7 +148,8 @@ class Coordinator:
             self.transport.send(1, Header(OP_RELEASE, seq))
 
     def collect_stats(self) -> list:
-        """Per rank [busy seconds, peak memory GB] since the last collection (then reset).
+        """Per rank [busy seconds, peak memory GB] since the last collection (then reset),
+        and how many sequences' caches the rank holds.
 
         The request goes round the ring behind all earlier work, so every stage has
         finished what was sent before it when it adds its numbers.

@@ -65,8 +65,9 @@ class Stage:
         return out
 
     def take_stats(self) -> list:
-        """[busy seconds, peak memory GB] since the last call; resets both."""
-        out = [self._busy_s, mx.get_peak_memory() / 1e9]
+        """[busy seconds, peak memory GB] since the last call (resets both), and the number
+        of sequences whose caches this stage holds now."""
+        out = [self._busy_s, mx.get_peak_memory() / 1e9, len(self.caches)]
         self._busy_s = 0.0
         mx.reset_peak_memory()
         return out

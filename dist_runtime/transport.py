@@ -24,7 +24,7 @@ from dist_runtime.faults import Blame, Faults
 
 HEADER_LEN = 8
 OP_FORWARD, OP_RELEASE, OP_STOP, OP_ABORT, OP_STATS = 1, 2, 3, 4, 5
-STATS_FIELDS = 2  # per rank in an OP_STATS payload: busy seconds, peak memory GB
+STATS_FIELDS = 3  # per rank in an OP_STATS payload: busy seconds, peak memory GB, live caches
 FLAG_RETURN = 1  # the last stage sends the last position's hidden state back to rank 0
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 

@@ -282,6 +282,24 @@ def test_hf_and_mlx_layouts_give_identical_logits(tmp_path, model_type, to_hf, h
     np.testing.assert_array_equal(logits_of(a.model, a.config), logits_of(b.model, b.config))
 
 
+def test_hf_layout_with_16_experts_stacks_them_in_expert_order(tmp_path):
+    # With 10 or more experts, "experts.10" sorts before "experts.2" as text: the stacked
+    # bank must follow the expert numbers (GLM-4.5-Air has 128 experts).
+    config = dict(preset_config("glm4_moe", "tiny"), n_routed_experts=16)
+    mlx_dir = write_checkpoint(tmp_path / "mlx", config, seed=4)
+    hf_dir = write_checkpoint(tmp_path / "hf", config, seed=4, transform=glm4_moe_to_hf(config))
+    hf_names = read_index(hf_dir)
+    assert any(".mlp.experts.15.up_proj.weight" in n for n in hf_names)
+    a, b = load_model(mlx_dir), load_model(hf_dir)
+    pa, pb = dict(tree_flatten(a.model.parameters())), dict(tree_flatten(b.model.parameters()))
+    assert sorted(pa) == sorted(pb)
+    stacked = [n for n in pa if ".switch_mlp." in n]
+    assert stacked and all(pa[n].shape[0] == 16 for n in stacked)
+    for n in pa:
+        np.testing.assert_array_equal(np.array(pb[n]), np.array(pa[n]), err_msg=n)
+    np.testing.assert_array_equal(logits_of(b.model, b.config), logits_of(a.model, a.config))
+
+
 def test_hf_layout_missing_expert_tensor_is_a_checkpoint_error(tmp_path):
     config = preset_config("glm4_moe", "tiny")
     folder = write_checkpoint(tmp_path, config, seed=4, transform=glm4_moe_to_hf(config))

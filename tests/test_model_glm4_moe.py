@@ -131,8 +131,9 @@ def to_hf_layout(weights: dict, cfg: dict) -> dict:
     return hf
 
 
-def test_hf_per_expert_layout_loads():
-    cfg, model = build()
+@pytest.mark.parametrize("experts", [8, 16])  # 16: "experts.10" sorts before "experts.2"
+def test_hf_per_expert_layout_loads(experts):
+    cfg, model = build(n_routed_experts=experts)
     weights = our_weights(model)
     hf = to_hf_layout(weights, cfg)
     assert not any(".switch_mlp." in k for k in hf)
@@ -219,12 +220,27 @@ def test_stage_chain_equals_whole_model():
     assert np.abs(chained - np.array(model(tokens))).max() <= TOL
 
 
-@pytest.mark.parametrize("name,mtp_index", [("glm-4.5-air", 46), ("glm-4.5", 92)])
-def test_real_presets_parse(name, mtp_index):
-    # Read the dicts only: the real-shape models are tens of GB.
-    args = mod.ModelArgs.from_dict(mod.PRESETS[name])
-    assert args.num_hidden_layers == mtp_index and args.dim_per_head == 128
-    assert args.n_routed_experts % args.n_group == 0
+# Published sizes (model cards of zai-org/GLM-4.5-Air and zai-org/GLM-4.5), in billions
+# of parameters: total, and active per token. The cards round, and do not say whether
+# "active" counts the embedding table (a token reads one row of it): we do not.
+PUBLISHED = {"glm-4.5-air": (106, 12), "glm-4.5": (355, 32)}
+
+
+@pytest.mark.parametrize("name,layers", [("glm-4.5-air", 46), ("glm-4.5", 92)])
+def test_real_presets_have_the_published_sizes(name, layers):
+    # The skeleton is lazy (mlx arrays are not evaluated): shapes only, no weights.
+    cfg = mod.PRESETS[name]
+    model = mod.Model(mod.ModelArgs.from_dict(cfg))
+    assert len(model.layers) == layers  # the MTP layer, stored at index `layers`, dropped
+    assert model.args.dim_per_head == 128
+    params = tree_flatten(model.parameters())
+    share = cfg["num_experts_per_tok"] / cfg["n_routed_experts"]
+    total = sum(p.size for _, p in params) / 1e9
+    active = sum(p.size * (share if ".switch_mlp." in n else 1)
+                 for n, p in params if "embed_tokens" not in n) / 1e9
+    want_total, want_active = PUBLISHED[name]
+    assert abs(total - want_total) <= 0.02 * want_total, total
+    assert want_active <= active <= 1.1 * want_active, active
 
 
 def test_config_errors_are_explicit():

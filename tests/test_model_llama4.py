@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from dist_runtime.synthetic import randomize
 from models import ConfigError, get_module
+from models import cache as cache_mod
 from models.cache import ChunkedKVCache
 from tests.reference import mlxlm_logits, mlxlm_model, our_weights, prompt_tokens, stepwise_logits
 
@@ -183,6 +184,52 @@ def test_cached_decode_equals_full_forward():
     assert len(chunked) == 5  # every layer but the 4th (index 3)
     for c in chunked:  # only the current chunk's keys are kept
         assert c.start == (N_TOKENS // chunk) * chunk and c.keys.shape[2] <= chunk
+
+
+class KeepAll(ChunkedKVCache):
+    """A chunked cache that never trims: every key stays (start 0), the mask alone keeps
+    each query within its chunk. Same logits, more memory: the reference to compare with."""
+
+    def trim(self):
+        pass
+
+
+def test_chunked_cache_holds_only_the_current_chunk(monkeypatch):
+    # Buffers grown by exactly what is appended, so a cache's bytes are the positions it
+    # keeps: a cache that kept the previous chunk (or any key before the current chunk's
+    # start) would compute the same logits with more memory.
+    monkeypatch.setattr(cache_mod, "GROWTH_STEP", 1)
+    cfg = config()
+    chunk = cfg["text_config"]["attention_chunk_size"]
+    model = build(cfg)
+    toks = mx.array(prompt_tokens(cfg["text_config"]["vocab_size"], N_TOKENS))
+    ours = model.make_caches()
+    ref = [KeepAll(c.chunk_size) if isinstance(c, ChunkedKVCache) else c.__class__()
+           for c in ours]
+    sizes = [PREFILL] + [1] * 14 + [9] + [1] * (N_TOKENS - PREFILL - 23)  # 20, 34, 43, 48
+    assert sum(sizes) == N_TOKENS
+    pos, trimmed_to_empty = 0, 0
+    for n in sizes:
+        step = toks[:, pos:pos + n]
+        a, b = model(step, ours), model(step, ref)
+        assert np.abs(np.array(a) - np.array(b)).max() <= TOL
+        pos += n
+        first = (pos // chunk) * chunk  # the chunk the next query falls in starts here
+        for c, r in zip(ours, ref):
+            if not isinstance(c, ChunkedKVCache):
+                continue
+            assert r.offset == c.offset == pos and r.keys.shape[2] == pos
+            per_position = r.nbytes // pos
+            kept = pos - first
+            assert c.nbytes == per_position * kept, (
+                f"at {pos}: {c.nbytes} bytes, {per_position * kept} for positions {first}..")
+            assert c.start == first
+            np.testing.assert_array_equal(np.array(c.keys[:, :, :kept]),
+                                          np.array(r.keys[:, :, first:pos]))
+            np.testing.assert_array_equal(np.array(c.values[:, :, :kept]),
+                                          np.array(r.values[:, :, first:pos]))
+            trimmed_to_empty += kept == 0
+    assert trimmed_to_empty  # a chunk's last position was met: nothing kept then
 
 
 def to_hf_layout(weights: dict) -> dict:

@@ -145,6 +145,40 @@ def test_repetition_penalty_window_and_generated_tokens():
     assert s(mx.array(logits)) == 1
 
 
+def edge_trace(window, distance, steps=24, vocab=64, penalty=2.0):
+    """Greedy steps where token 0 leads (2.0) and a token never seen before comes second
+    (1.5): 0 wins exactly when it is not among the last `window` tokens. The prompt puts
+    0 `distance` tokens from its end. Returns (ours, reference, distances at which the
+    reference saw 0 when it chose), the reference from the whole history in NumPy."""
+    prompt = [0] + list(range(vocab - distance + 1, vocab))  # 0, then distance-1 others
+    sampler = Sampler(SamplingParams(repetition_penalty=penalty, repetition_window=window),
+                      prompt)
+    history, ours, ref, seen_at = list(prompt), [], [], []
+    for t in range(steps):
+        logits = np.full(vocab, -3.0, np.float32)
+        logits[0], logits[1 + t] = 2.0, 1.5
+        ours.append(sampler(mx.array(logits)))
+        recent = history[len(history) - window:] if window else []
+        pick = int(np.argmax(ref_repetition_penalty(logits, recent, penalty)))
+        last0 = max(i for i, tok in enumerate(history) if tok == 0)
+        seen_at.append(len(history) - last0)  # 1: the last token was 0
+        ref.append(pick)
+        history.append(pick)
+    return ours, ref, seen_at
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5])
+def test_repetition_penalty_window_edge(window):
+    # A token exactly `window` tokens back is penalised; one more back is not: at the
+    # prompt's start and each time the generated tokens push it to the edge.
+    for distance in (window, window + 1):
+        ours, ref, seen_at = edge_trace(window, distance)
+        assert ours == ref, f"window {window}, 0 first {distance} back: {ours} vs {ref}"
+        assert seen_at[0] == distance
+        picks = dict(zip(seen_at, ref))
+        assert picks[window] != 0 and picks[window + 1] == 0  # the edge was met
+
+
 def test_repetition_penalty_one_is_off():
     logits = random_logits(4, n=16)
     out = np.array(apply_repetition_penalty(mx.array(logits), list(range(16)), 1.0))

@@ -75,11 +75,36 @@ def test_results_come_back_in_send_order_and_finishing_one_keeps_others():
     assert 1 not in remaining and {2, 3} <= set(remaining)
 
 
-def test_grid_prints_one_column_per_rank():
-    grid, _ = simulate(Schedule(2), seqs(2, 16, 2, 8), n_stages=2)
-    text = format_grid(grid)
-    assert text.splitlines()[0].split("|")[1].split() == ["r0", "r1"]
-    assert len(text.splitlines()) == len(grid) + 2
+def parse_grid(text: str) -> tuple:
+    """(rank column names, rows of cells with '' for idle) read back from format_grid."""
+    lines = text.splitlines()
+    names = lines[0].split("|")[1].split()
+    assert set(lines[1]) == {"-"}
+    rows = []
+    for t, line in enumerate(lines[2:]):
+        step, cells = line.split("|")
+        assert int(step) == t
+        rows.append(["" if c == "." else c for c in cells.split()])
+    return names, rows
+
+
+@pytest.mark.parametrize("n_stages", [2, 3, 4])
+def test_grid_prints_one_column_per_rank(n_stages):
+    n_seqs, prompt, gen, chunk = 3, 20, 4, 8
+    grid, _ = simulate(Schedule(2), seqs(n_seqs, prompt, gen, chunk), n_stages=n_stages)
+    names, rows = parse_grid(format_grid(grid))
+    assert names == [f"r{r}" for r in range(n_stages)]
+    assert rows == grid  # every cell in its step's line and its rank's column
+    # What the grid shows: every message (each prompt chunk, then a decode step per
+    # token after the first) passes every rank once, in send order, one rank per step.
+    chunks = -(-prompt // chunk)
+    expected = sorted(f"{chr(ord('A') + s)}{c}" for s in range(n_seqs)
+                      for c in [*range(1, chunks + 1), *["d"] * (gen - 1)])
+    columns = [[(t, row[r]) for t, row in enumerate(grid) if row[r]] for r in range(n_stages)]
+    assert sorted(c for _, c in columns[0]) == expected
+    for r in range(1, n_stages):
+        assert [c for _, c in columns[r]] == [c for _, c in columns[r - 1]]
+        assert all(t > t_prev for (t, _), (t_prev, _) in zip(columns[r], columns[r - 1]))
 
 
 def test_chunk_size_follows_prompt_and_ring():
