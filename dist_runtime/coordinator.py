@@ -1,11 +1,18 @@
 """Rank 0: embeds, runs the first layers, closes the ring with the head, and samples.
 
-The coordinator drives everything. A Schedule (dist_runtime/schedule.py) decides what
-to send next: the next prompt chunk of a sequence (only a prompt's last chunk asks for
-a result), a decode step, or to wait for the oldest result. Results come back from the
-last rank in send order; only the last position's hidden state travels back. With one
-rank the coordinator is the whole model and no message is sent: one code path for one
-process and for N.
+The coordinator carries out what the Schedule (dist_runtime/schedule.py) decides: send
+a prompt chunk (only a prompt's last chunk asks for a result), step a micro-batch of
+decoding sequences (telling the stages first when its rows changed), release a
+sequence's caches, or take the oldest result. Results come back from the last rank in
+send order; only the last position's hidden state travels back. With one rank the
+coordinator is the whole model and no message is sent: one code path for one process
+and for N.
+
+The host never waits where it need not. Sampled tokens stay on the device: a micro-
+batch's next step is built from its last step's tokens before they are read, and the
+tokens are read (to stream them and to see an end of sequence) only once that next step
+is queued. With one rank the step is queued with `mx.async_eval`, so the device runs
+step t+1 while the host reads step t; across ranks, sending it evaluates it.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from dist_runtime.sampling import Sampler
-from dist_runtime.schedule import DONE, SEND, Schedule, SeqState
+from dist_runtime.sampling import Sampler, sample_rows
+from dist_runtime.schedule import CHUNK, DONE, RECV, RELEASE, STEP, Schedule
 from dist_runtime.stage import Stage
-from dist_runtime.transport import (FLAG_RETURN, OP_FORWARD, OP_RELEASE, OP_STATS, OP_STOP,
-                                    STATS_FIELDS, Header)
+from dist_runtime.transport import (FLAG_RETURN, OP_FORWARD, OP_GROUP, OP_RELEASE, OP_STATS,
+                                    OP_STOP, STATS_FIELDS, Header)
+
 
 @dataclass
 class Request:
@@ -50,90 +58,73 @@ class GenerationResult:
     t_end: float = 0.0
 
 
+@dataclass
+class _Live:
+    """A sequence being generated: what was asked, what came out, its last token."""
+
+    req: Request
+    res: GenerationResult
+    last: Optional[mx.array] = None  # [1] int32, on the device until read
+
+
+@dataclass
+class _Step:
+    """A micro-batch's step on its way: its rows and their input tokens [B]."""
+
+    rows: list
+    tokens: mx.array
+
+
 class Coordinator:
     """Rank 0's side of the ring (or the whole model when alone)."""
 
-    def __init__(self, stage: Stage, transport=None, prefill_chunk: Optional[int] = None):
+    def __init__(self, stage: Stage, transport=None, prefill_chunk: Optional[int] = None,
+                 max_batch: Optional[int] = None):
         self.stage = stage
         self.transport = transport
         self.n = stage.n_stages
-        self.prefill_chunk = prefill_chunk
-        self._next_seq = 0
-        self._local = deque()  # one rank: results computed at send time
+        self.schedule = Schedule(self.n, max_batch, prefill_chunk)
+        self.live: dict = {}  # sequence id -> _Live
+        self.steps: dict = {}  # micro-batch id -> its last _Step sent
+        self._local = deque()  # one rank: results queued at send time
+        self._early = deque()  # results that came back during a stats exchange
+        self._unread: list = []  # (sequence ids, tokens [B]) sampled but not yet read
         self.current = GenerationResult()  # the (first) generation in progress, for a stop
 
-    def _send(self, seq: int, tokens: list, want: bool):
-        """Embed `tokens` of `seq`, run rank 0's layers, pass them on (or finish locally)."""
-        offset = self.stage.offset(seq)
-        h = self.stage.run(self.stage.embed(tokens), seq, offset)  # [1, L, D]
-        if self.n == 1:
-            if want:
-                self._local.append(self.stage.logits(h))
-            return
-        flags = FLAG_RETURN if want else 0
-        self.transport.send(1, Header(OP_FORWARD, seq, offset=offset, flags=flags), h)
+    # -- the loop -------------------------------------------------------------------------
 
-    def _recv(self, seq: int) -> mx.array:
-        """Logits [V] of the oldest outstanding result, which must be sequence `seq`'s."""
-        if self.n == 1:
-            return self._local.popleft()
-        header, h = self.transport.recv(self.n - 1)  # an ABORT raises PeerLost in there
-        if header.op != OP_FORWARD or header.seq != seq:
-            raise RuntimeError(f"coordinator expected sequence {seq}'s hidden state, got "
-                               f"op {header.op} for sequence {header.seq}")
-        return self.stage.logits(h)
-
-    def generate_many(self, requests: list, max_in_flight: Optional[int] = None) -> list:
-        """Generate every request, keeping up to max_in_flight results (default: stages)."""
-        schedule = Schedule(max_in_flight or self.n)
-        states, results, by_seq = [], [], {}
+    def generate_many(self, requests: list) -> list:
+        """Generate every request (all in flight as the schedule allows); their results."""
+        results = []
         for req in requests:
-            self._next_seq += 1
-            st = SeqState.new(self._next_seq, len(req.prompt), req.max_tokens, self.n,
-                              self.prefill_chunk)
+            st = self.schedule.add(len(req.prompt), req.max_tokens)
             res = GenerationResult(prompt_tokens=len(req.prompt), finish_reason="length")
-            states.append(st)
+            self.live[st.seq] = _Live(req, res)
             results.append(res)
-            by_seq[st.seq] = (st, req, res)
         self.current = results[0]
-        while True:
-            action = schedule.next_action(states)
+        mine = set(self.live)
+        while any(not self.schedule.seqs[s].released or not self.schedule.seqs[s].finished
+                  for s in mine if s in self.schedule.seqs):
+            action = self.schedule.next_action()
+            if action.kind in (RECV, DONE) and self._unread:
+                self._read_tokens()  # nothing to queue first: read now
+                continue
             if action.kind == DONE:
                 break
-            st, req, res = by_seq[action.seq]
-            if action.kind == SEND:
-                if st.in_prefill:
-                    tokens = req.prompt[st.sent_prompt: st.sent_prompt + action.length]
-                    res.t_start = res.t_start or time.perf_counter()
-                else:
-                    tokens = [res.tokens[-1]]
-                self._send(st.seq, tokens, action.wants_result)
-                schedule.sent(st, action)
+            if action.kind == RECV:
+                self._receive(action.id)
                 continue
-            logits = self._recv(st.seq)
-            finished = self._accept(req, res, logits)
-            schedule.received(st, finished)
-            if st.finished:
-                res.t_end = time.perf_counter()
-                self.release(st.seq)
+            {CHUNK: self._send_chunk, STEP: self._send_step,
+             RELEASE: self._send_release}[action.kind](action)
+            self.schedule.sent(action)
+            self._read_tokens()  # the device has the next step: now read the last one
+        self._read_tokens()
+        self.schedule.forget(mine)
+        for s in mine:
+            self.live.pop(s, None)
         for res in results:
             _rates(res)
         return results
-
-    def _accept(self, req: Request, res: GenerationResult, logits: mx.array) -> bool:
-        """Sample a token for `res`; True when the sequence ends here."""
-        token = req.sampler(logits)
-        if res.first_logits is None:
-            res.first_logits = logits
-            res.t_first = time.perf_counter()
-        if token in req.eos_ids:
-            res.finish_reason = "eos"
-            return True
-        res.tokens.append(token)
-        if req.on_token is not None and req.on_token(token):
-            res.finish_reason = "stop"
-            return True
-        return len(res.tokens) >= req.max_tokens
 
     def generate(self, prompt: list, max_tokens: int, sampler: Sampler, eos_ids=(),
                  on_token: Optional[Callable[[int], bool]] = None) -> GenerationResult:
@@ -141,26 +132,133 @@ class Coordinator:
         return self.generate_many([Request(prompt, max_tokens, sampler, frozenset(eos_ids),
                                            on_token)])[0]
 
-    def release(self, seq: int):
-        """Free the sequence's caches on every stage."""
-        self.stage.release(seq)
+    # -- actions --------------------------------------------------------------------------
+
+    def _send_chunk(self, action):
+        """The next `action.length` prompt positions of a sequence."""
+        s = self.schedule.seqs[action.id]
+        live = self.live[action.id]
+        live.res.t_start = live.res.t_start or time.perf_counter()
+        tokens = mx.array([live.req.prompt[s.sent_prompt: s.sent_prompt + action.length]])
+        offset = self.stage.offset(action.id)
+        self._forward(Header(OP_FORWARD, action.id, offset=offset), tokens,
+                      action.wants_result)
+
+    def _send_step(self, action):
+        """One decode step of a micro-batch (its rows changed: tell the stages first)."""
+        last = self.steps.get(action.id)
+        if last is None or last.rows != action.rows:
+            self.stage.group(action.id, action.rows)
+            if self.n > 1:
+                self.transport.send(1, Header(OP_GROUP, action.id),
+                                    mx.array(action.rows, mx.int32))
+        if not action.rows:
+            self.steps.pop(action.id, None)
+            return
+        tokens = self._step_tokens(last, action.rows)  # [B]
+        self.steps[action.id] = _Step(list(action.rows), tokens)
+        self._forward(Header(OP_FORWARD, action.id), tokens[:, None], True)
+
+    def _step_tokens(self, last: Optional[_Step], rows: list) -> mx.array:
+        """Each row's last token, [B]: the previous step's for rows that stay (still on
+        the device), the first token for rows that join."""
+        if last is not None and last.rows == rows:
+            return last.tokens
+        parts = [self.live[r].last.reshape(1) for r in rows]
+        return mx.concatenate(parts)
+
+    def _send_release(self, action):
+        """Free a sequence's caches on every stage (it finished outside a micro-batch)."""
+        self.stage.release(action.id)
         if self.n > 1:
-            self.transport.send(1, Header(OP_RELEASE, seq))
+            self.transport.send(1, Header(OP_RELEASE, action.id))
+
+    def _forward(self, header: Header, tokens: mx.array, want: bool):
+        """Embed tokens [B, L], run rank 0's layers, pass them on (or finish locally)."""
+        h = self.stage.forward(self.stage.embed(tokens), header.seq)  # [B, L, D]
+        if self.n == 1:
+            if want:
+                h = h[:, -1:]
+                self._local.append(h)
+            mx.async_eval(h)  # the device starts; the host goes on
+            return
+        header.flags = FLAG_RETURN if want else 0
+        self.transport.send(1, header, self.stage.timed(h))
+
+    # -- results --------------------------------------------------------------------------
+
+    def _receive(self, id: int):
+        """The oldest result: sample its rows' tokens (left on the device for now)."""
+        if self.n == 1:
+            h = self._local.popleft()
+        else:  # an ABORT raises PeerLost in recv
+            header, h = self._early.popleft() if self._early else self.transport.recv(self.n - 1)
+            if header.op != OP_FORWARD or header.seq != id:
+                raise RuntimeError(f"coordinator expected the result of {id}, got op "
+                                   f"{header.op} for {header.seq}")
+        logits = self.stage.head(h)  # [B, V]
+        rows = self.schedule.received(id)
+        live = [self.live[s] for s in rows]
+        tokens = sample_rows(logits, [x.req.sampler for x in live])  # [B]
+        for i, x in enumerate(live):
+            if x.res.first_logits is None:
+                x.res.first_logits = logits[i]
+            x.last = tokens[i]
+        if id in self.steps:
+            self.steps[id].tokens = tokens
+        self._unread.append((rows, tokens))
+
+    def _read_tokens(self):
+        """Read the sampled tokens (a host sync) and give each to its sequence."""
+        unread, self._unread = self._unread, []
+        for rows, tokens in unread:
+            now = time.perf_counter()
+            for s, token in zip(rows, tokens.tolist()):
+                st = self.schedule.seqs.get(s)
+                x = self.live.get(s)
+                if x is None or (st.finished and len(x.res.tokens) >= st.max_new) \
+                        or x.res.finish_reason != "length":
+                    continue  # a row that had stopped rode one more step for nothing
+                if self._accept(x, token, now):
+                    self.schedule.stopped(s)
+                if self.schedule.seqs[s].finished and not x.res.t_end:
+                    x.res.t_end = now
+
+    def _accept(self, x: _Live, token: int, now: float) -> bool:
+        """Take `token` for a sequence; True when it ends here (EOS or on_token)."""
+        if not x.res.t_first:
+            x.res.t_first = now
+        if token in x.req.eos_ids:
+            x.res.finish_reason = "eos"
+            return True
+        x.res.tokens.append(token)
+        if x.req.on_token is not None and x.req.on_token(token):
+            x.res.finish_reason = "stop"
+            return True
+        return False
+
+    # -- the ring -------------------------------------------------------------------------
 
     def collect_stats(self) -> list:
-        """Per rank [busy seconds, peak memory GB] since the last collection (then reset),
-        and how many sequences' caches the rank holds.
+        """Per rank [busy seconds, peak memory GB, live caches] since the last collection
+        (busy time and peak then reset).
 
         The request goes round the ring behind all earlier work, so every stage has
-        finished what was sent before it when it adds its numbers.
+        finished what was sent before it when it adds its numbers; results of that work
+        that come back first are kept for the generation in progress.
         """
         table = mx.zeros((self.n, STATS_FIELDS), mx.float32)
         table = self.stage.add_stats(table)
         if self.n > 1:
             self.transport.send(1, Header(OP_STATS), table)
-            header, table = self.transport.recv(self.n - 1)
+            while True:
+                header, payload = self.transport.recv(self.n - 1)
+                if header.op != OP_FORWARD:
+                    break
+                self._early.append((header, payload))
             if header.op != OP_STATS:
                 raise RuntimeError(f"expected the stats message back, got op {header.op}")
+            table = payload
         return table.tolist()
 
     def stop(self, timeout: float = 30.0):
@@ -172,6 +270,7 @@ class Coordinator:
 
 def _rates(res: GenerationResult):
     """Fill ttft and rates from the timestamps."""
+    res.t_end = res.t_end or time.perf_counter()
     res.ttft_s = res.t_first - res.t_start
     res.prefill_tps = res.prompt_tokens / res.ttft_s if res.ttft_s > 0 else 0.0
     steps = len(res.tokens) - 1

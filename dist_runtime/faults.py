@@ -207,8 +207,9 @@ class Faults:
 
     # -- waits ----------------------------------------------------------------------------
 
-    def wait(self, arr: mx.array, what: str, seconds: float, peer: int, receiving: bool):
-        """Evaluate `arr` (a send or receive with `peer`) within `seconds`, or blame.
+    def wait(self, arr, what: str, seconds: float, peer: int, receiving: bool):
+        """Evaluate `arr` (a send or receive with `peer`, or a list of them) within
+        `seconds`, or blame.
 
         A send that finished after this rank learnt the job is ending raises PeerLost; a
         receive leaves that to the caller (`check`), which may have received the ABORT."""

@@ -41,6 +41,7 @@ class Job:
     transport: Optional[Transport]  # None when the job has one rank
     load_s: float
     first_timeout: float
+    max_batch: int
 
     @property
     def rank(self) -> int:
@@ -58,8 +59,8 @@ class Job:
         return self.source.config
 
     def coordinator(self, prefill_chunk: Optional[int] = None) -> Coordinator:
-        """Rank 0's driver of the ring."""
-        return Coordinator(self.stage, self.transport, prefill_chunk)
+        """Rank 0's driver of the ring, decoding at most max_batch sequences at once."""
+        return Coordinator(self.stage, self.transport, prefill_chunk, self.max_batch)
 
     def serve_stage(self):
         """Ranks 1..N-1: run the stage loop until the coordinator says stop."""
@@ -87,7 +88,8 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     facts = preflight.gather_facts(group, opened.facts, watchdog, args.load_timeout)
     for warning in preflight.check_facts(infos, facts, rank):
         print(f"[{me}] warning: {warning.message}", file=sys.stderr, flush=True)
-    plan = make_plan(opened.costs, infos, args.max_kv_tokens, args.split, args.memory_limit)
+    plan = make_plan(opened.costs, infos, args.max_kv_tokens, args.split, args.memory_limit,
+                     args.max_batch)
     life.set("loading")
     t0 = time.perf_counter()
     error, loaded = None, None
@@ -109,7 +111,7 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
         transport = Transport(group, model.hidden_width, model.activation_dtype(), faults,
                               args.timeout, args.first_timeout)
     return Job(group, infos, plan, stage, opened.source, opened, faults, transport, load_s,
-               args.first_timeout)
+               args.first_timeout, args.max_batch)
 
 
 def report_stage(me: str, model, files: list, nbytes: int, load_s: float):

@@ -75,10 +75,12 @@ def _auto(costs, budgets, kv, names) -> Optional[Plan]:
         return None
 
 
-def _kv_that_fits(costs, budgets, names, max_kv: int) -> int:
-    """The largest --max-kv-tokens below max_kv with which some plan fits, or 0."""
+def _kv_that_fits(costs, budgets, names, max_kv: int, batch: int = 1) -> int:
+    """The largest --max-kv-tokens below max_kv with which some plan fits (for `batch`
+    sequences at once), or 0."""
     def fits(k):
-        return _auto(costs, budgets, [b * k for b in costs.kv_per_token], names) is not None
+        return _auto(costs, budgets, [b * k * batch for b in costs.kv_per_token],
+                     names) is not None
 
     lo, hi = 0, max_kv - 1
     if hi < 1 or not fits(1):
@@ -90,9 +92,16 @@ def _kv_that_fits(costs, budgets, names, max_kv: int) -> int:
     return lo
 
 
-def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int) -> str:
+def kv_room(max_kv: int, batch: int) -> str:
+    """How the KV room was asked for, for messages."""
+    return f"--max-kv-tokens {max_kv}" + (f" x --max-batch {batch}" if batch > 1 else "")
+
+
+def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int, batch: int = 1) -> str:
+    """The ways out when no plan fits: hosts too small, less KV room, more memory,
+    quantization; joined with 'or'."""
     fixes = []
-    smallest = min(w + k * max_kv for w, k in zip(costs.weight, costs.kv_per_token))
+    smallest = min(w + k * max_kv * batch for w, k in zip(costs.weight, costs.kv_per_token))
     empty = [nm for r, (nm, b) in enumerate(zip(names, budgets))
              if b < smallest + (costs.head if r == 0 else 0)]
     if empty:
@@ -100,10 +109,12 @@ def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int) -> str:
         fixes.append(f"{', '.join(empty)} cannot hold even one layer ({fmt_bytes(smallest)} "
                      f"with its KV room{head}): give it more memory or leave it out of the "
                      f"hostfile")
-    k = _kv_that_fits(costs, budgets, names, max_kv)
+    k = _kv_that_fits(costs, budgets, names, max_kv, batch)
     if k:
         fixes.append(f"--max-kv-tokens {k} fits (the prompt and the generated tokens must "
                      f"stay under it)")
+    if batch > 1 and _kv_that_fits(costs, budgets, names, max_kv + 1, 1) == max_kv:
+        fixes.append("a smaller --max-batch (1 fits)")
     short = need - sum(budgets)
     if short > 0:
         fixes.append(f"add a host with {fmt_bytes(short)} more free memory")
@@ -113,12 +124,13 @@ def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int) -> str:
 
 
 def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
-              limits: Optional[list] = None) -> Plan:
-    """The plan, or a PlanError naming the host that does not fit and a fix."""
+              limits: Optional[list] = None, max_batch: int = 1) -> Plan:
+    """The plan, or a PlanError naming the host that does not fit and a fix. KV room is
+    reserved for max_batch sequences of max_kv_tokens positions each."""
     names = [i.name for i in infos]
     n, n_layers = len(infos), len(costs.weight)
     budgets, why = budgets_for(infos, limits)
-    kv = [k * max_kv_tokens for k in costs.kv_per_token]
+    kv = [k * max_kv_tokens * max_batch for k in costs.kv_per_token]
     if n > n_layers:
         raise PlanError(f"the job has {n} ranks but the model has only {n_layers} layers, and "
                         f"every rank needs at least one; list at most {n_layers} hosts in "
@@ -130,23 +142,24 @@ def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
                f"(or leave --split out to plan by memory)" if auto is not None else
                f"e.g. --split {counts_text(even_split(n_layers, n))}, though no split fits "
                f"the hosts' memory: " + _no_fit_fixes(costs, budgets, names, max_kv_tokens,
-                                                      need_all))
-        return _checked_split(list(split), costs, kv, budgets, why, names, max_kv_tokens, fix)
+                                                      need_all, max_batch))
+        return _checked_split(list(split), costs, kv, budgets, why, names,
+                              kv_room(max_kv_tokens, max_batch), fix)
     if auto is not None:
         return auto
     hosts = ", ".join(f"{nm} can use {fmt_bytes(b)} ({w})" for nm, b, w in zip(names, budgets, why))
     raise PlanError(
         f"the model does not fit these {n} hosts: it needs {fmt_bytes(need_all)} "
         f"({fmt_bytes(sum(costs.weight) + costs.head)} of weights + {fmt_bytes(sum(kv))} of KV "
-        f"room for --max-kv-tokens {max_kv_tokens}; its largest layer "
+        f"room for {kv_room(max_kv_tokens, max_batch)}; its largest layer "
         f"{fmt_bytes(max(w + k for w, k in zip(costs.weight, kv)))}, and rank 0 also holds "
         f"{fmt_bytes(costs.head)} of embedding and head), and no contiguous split keeps every "
         f"host within its memory: {hosts}. Fix: "
-        + _no_fit_fixes(costs, budgets, names, max_kv_tokens, need_all))
+        + _no_fit_fixes(costs, budgets, names, max_kv_tokens, need_all, max_batch))
 
 
 def _checked_split(split: list, costs, kv: list, budgets: list, why: list, names: list,
-                   max_kv_tokens: int, fix: str) -> Plan:
+                   room: str, fix: str) -> Plan:
     """A user's --split as a Plan: one count per rank, each at least 1, adding up to the
     layers, every rank within its budget; else PlanError ending with `fix`."""
     n, n_layers, text = len(names), len(costs.weight), counts_text(split)
@@ -166,8 +179,7 @@ def _checked_split(split: list, costs, kv: list, budgets: list, why: list, names
         k = sum(kv[i] for i in rng)
         head = costs.head if r == 0 else 0
         if w + k + head > budgets[r]:
-            parts = f"{fmt_bytes(w)} of weights + {fmt_bytes(k)} of KV room for " \
-                    f"--max-kv-tokens {max_kv_tokens}"
+            parts = f"{fmt_bytes(w)} of weights + {fmt_bytes(k)} of KV room for {room}"
             if head:
                 parts += f" + {fmt_bytes(head)} of embedding and head"
             raise PlanError(

@@ -1,8 +1,13 @@
 """Choosing the next token from logits, on the coordinator only.
 
-Greedy, temperature, top-k, top-p (nucleus), min-p and a repetition penalty. A seeded
-run draws step t's random numbers from key(seed, t), so the same seed gives the same
-text whatever the number of ranks (only rank 0 ever samples).
+Greedy, temperature, top-k, top-p (nucleus), min-p and a repetition penalty, each
+sequence with its own settings. A seeded run draws step t's random numbers from
+key(seed, t), so the same seed gives the same text whatever the number of ranks and
+whichever sequences share its micro-batch (only rank 0 ever samples).
+
+Tokens stay on the device (`Sampler.sample`, `sample_rows` are lazy): the coordinator
+builds the next step from them before it reads them. The penalty's window may hold
+such unread tokens.
 """
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ def apply_repetition_penalty(logits: mx.array, recent: list, penalty: float) -> 
     if penalty == 1.0 or not recent:
         return logits
     seen = mx.zeros(logits.shape, mx.bool_)
-    seen[mx.array(sorted(set(recent)))] = True
+    if all(isinstance(t, int) for t in recent):
+        seen[mx.array(sorted(set(recent)))] = True
+    else:  # some tokens are still on the device
+        seen[mx.stack([mx.array(t, mx.int32).reshape(()) for t in recent])] = True
     penalised = mx.where(logits > 0, logits / penalty, logits * penalty)
     return mx.where(seen, penalised, logits)
 
@@ -89,22 +97,38 @@ class Sampler:
         self.step = 0
         self.seed = params.seed
 
-    def __call__(self, logits: mx.array) -> int:
-        """logits [V] (the last position's) -> next token id."""
+    @property
+    def greedy(self) -> bool:
+        """Plain argmax: no temperature and no penalty (batched in one op)."""
+        return self.p.temp == 0 and self.p.repetition_penalty == 1.0
+
+    def sample(self, logits: mx.array) -> mx.array:
+        """logits [V] (the last position's) -> next token id, a lazy int32 scalar."""
         logits = apply_repetition_penalty(logits.astype(mx.float32), self.recent,
                                           self.p.repetition_penalty)
         if self.p.temp == 0:
-            token = int(mx.argmax(logits).item())
+            token = mx.argmax(logits)
         else:
             logits = filter_logits(logits / self.p.temp, self.p)
-            if self.seed is not None:
-                key = step_key(self.seed, self.step)
-                token = int(mx.random.categorical(logits, key=key).item())
-            else:
-                token = int(mx.random.categorical(logits).item())
+            key = step_key(self.seed, self.step) if self.seed is not None else None
+            token = mx.random.categorical(logits, key=key)
         self.step += 1
-        self.recent = _last(self.recent + [token], self.p.repetition_window)
-        return token
+        if self.p.repetition_penalty != 1.0:
+            self.recent = _last(self.recent + [token], self.p.repetition_window)
+        return token.astype(mx.int32)
+
+    def __call__(self, logits: mx.array) -> int:
+        """logits [V] -> next token id, read now."""
+        return int(self.sample(logits).item())
+
+
+def sample_rows(logits: mx.array, samplers: list) -> mx.array:
+    """logits [B, V] -> tokens [B] int32 (lazy), row i by samplers[i]'s own settings."""
+    if all(s.greedy for s in samplers):
+        for s in samplers:
+            s.step += 1
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+    return mx.stack([s.sample(logits[i]) for i, s in enumerate(samplers)])
 
 
 def _last(tokens: list, n: int) -> list:

@@ -1,17 +1,28 @@
 """The schedule: in what order the coordinator sends work into the ring.
 
-One sequence alone keeps one stage busy at a time. The schedule fills the ring two ways:
-- a long prompt is cut into chunks that follow each other without waiting: only the
-  last chunk's result comes back, so stage k runs chunk i while stage k+1 runs i-1;
-- several sequences are in flight at once (up to `max_in_flight` results outstanding),
-  so while stage 2 decodes sequence A, stage 1 decodes B.
-Results come back in the order they were sent (every message takes the same path), so
-the coordinator always receives the oldest outstanding one.
+Decode is bound by reading weights: a step costs about the same for one sequence as for
+sixteen. So sequences that have their first token decode together, in micro-batches:
+one message carries a micro-batch's rows [B, 1, D], each row with its own cache and
+position. The schedule fills the ring three ways:
+- up to one micro-batch per stage, so while stage 2 steps micro-batch A, stage 1 steps
+  B: with as many micro-batches as stages and enough sequences, no stage waits;
+- a prompt is cut into chunks that follow each other without waiting (only the last
+  chunk's result comes back), so stage k runs chunk i while stage k+1 runs i-1;
+- prompt chunks go between decode steps (at most one chunk's worth of positions per
+  step sent), so running sequences keep decoding while new prompts fill.
+Rows join a micro-batch between its steps (when their prompt is in) and leave when they
+finish; a STEP action lists the rows, and the coordinator tells the stages when they
+changed. Results come back in the order they were sent (every message takes the same
+path), so the coordinator always receives the oldest outstanding one.
 
-The policy is a pure object: `next_action` looks only at the sequences' states. The
-same object drives the real coordinator and `simulate`, which plays a plan on N
-unit-time stages and prints it as a grid of steps by rank, so plans are tested with no
-hosts at all.
+The coordinator reads a step's tokens only after it has sent the next step (so the
+device never waits for the host): `received` counts a token for every row at once,
+`stopped` ends a row later (end of sequence, a stop string), and a row that stopped
+has then ridden one step for nothing.
+
+The policy is a pure object over ids; sequences and micro-batches share one id space
+(the header's `seq` field). `simulate` plays it on N unit-time stages and prints the
+plan as a grid of steps by rank, so plans are tested with no hosts at all.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-SEND, RECV, DONE = "send", "recv", "done"
+CHUNK, STEP, RECV, RELEASE, DONE = "chunk", "step", "recv", "release", "done"
 
 PREFILL_CHUNK = 512  # most prompt positions per forward on one rank: bounds activations
 # Across ranks, smaller: on two H200s (GLM-4.5-Air, 4 bits, 4096-token prompt) chunks of
@@ -52,104 +63,218 @@ class SeqState:
     max_new: int
     chunk: int
     sent_prompt: int = 0  # prompt positions already sent
-    generated: int = 0  # tokens sampled so far
-    waiting: bool = False  # a result for it is outstanding
+    generated: int = 0  # tokens produced so far (counted when their step came back)
+    waiting: bool = False  # its prompt's result is outstanding
     finished: bool = False
-    last_sent: int = -1  # schedule clock of its last message: the oldest goes first
-
-    @classmethod
-    def new(cls, seq: int, prompt_len: int, max_new: int, n_stages: int,
-            largest_chunk: Optional[int] = None) -> "SeqState":
-        """A sequence about to start, its prompt cut as `chunk_size` says."""
-        return cls(seq, prompt_len, max_new, chunk_size(prompt_len, n_stages, largest_chunk))
+    released: bool = False  # its caches are gone from every stage
+    mb: Optional[int] = None  # the micro-batch it decodes in
+    last_sent: int = -1  # schedule clock of its last chunk: the oldest goes first
 
     @property
     def in_prefill(self) -> bool:
         """Whether prompt positions remain to be sent."""
         return self.sent_prompt < self.prompt_len
 
-    def next_work(self) -> tuple:
-        """(length, wants_result) of the next message for this sequence."""
-        if self.in_prefill:
-            n = min(self.chunk, self.prompt_len - self.sent_prompt)
-            return n, self.sent_prompt + n == self.prompt_len
-        return 1, True
+    @property
+    def joining(self) -> bool:
+        """Its prompt is in and its first token out: it waits for a micro-batch."""
+        return (not self.in_prefill and not self.waiting and not self.finished
+                and self.mb is None)
+
+    def next_chunk(self) -> tuple:
+        """(length, wants_result) of its next prompt chunk."""
+        n = min(self.chunk, self.prompt_len - self.sent_prompt)
+        return n, self.sent_prompt + n == self.prompt_len
+
+
+@dataclass
+class MicroBatch:
+    """Sequences stepped together; `rows` as of the last step sent."""
+
+    id: int
+    rows: list = field(default_factory=list)
+    in_flight: bool = False
 
 
 @dataclass
 class Action:
-    """SEND work for `seq` (length positions, wants_result), RECV the oldest result, DONE."""
+    """CHUNK of a prompt, STEP of a micro-batch (its rows), RECV the oldest result,
+    RELEASE a sequence's caches, or DONE. A STEP with no rows dissolves the batch."""
 
     kind: str
-    seq: Optional[int] = None
+    id: Optional[int] = None
     length: int = 0
     wants_result: bool = False
+    rows: list = field(default_factory=list)
 
 
-@dataclass
 class Schedule:
-    """Round-robin over ready sequences, with at most max_in_flight results outstanding."""
+    """Micro-batches for decoding sequences, chunks for prompts, in one id space.
 
-    max_in_flight: int
-    outstanding: deque = field(default_factory=deque)
-    clock: int = 0
+    n_stages: ring length, the most micro-batches; max_batch: the most sequences started
+    and not finished at once (None: no limit), the KV room the plan reserved.
+    """
 
-    def next_action(self, states: list) -> Action:
+    def __init__(self, n_stages: int, max_batch: Optional[int] = None,
+                 largest_chunk: Optional[int] = None):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.n_stages, self.max_batch, self.largest_chunk = n_stages, max_batch, largest_chunk
+        self.seqs: dict = {}  # id -> SeqState, in arrival order
+        self.mbs: dict = {}  # id -> MicroBatch
+        self.outstanding: deque = deque()  # ids whose results are on their way back
+        self.clock = 0
+        self._next_id = 0
+        # prompt positions that may go before the next decode step: one chunk's worth
+        self._credit_per_step = largest_chunk or (PREFILL_CHUNK if n_stages == 1
+                                                  else PIPELINE_CHUNK)
+        self._chunk_credit = self._credit_per_step
+
+    def new_id(self) -> int:
+        """A fresh id for a sequence or a micro-batch."""
+        self._next_id += 1
+        return self._next_id
+
+    def add(self, prompt_len: int, max_new: int) -> SeqState:
+        """A sequence to generate; its prompt is cut as `chunk_size` says."""
+        s = SeqState(self.new_id(), prompt_len, max_new,
+                     chunk_size(prompt_len, self.n_stages, self.largest_chunk))
+        self.seqs[s.seq] = s
+        return s
+
+    # -- the policy ---------------------------------------------------------------------
+
+    def next_action(self) -> Action:
         """The next thing the coordinator should do."""
-        ready = [s for s in states if not s.finished and not s.waiting]
-        if ready and len(self.outstanding) < self.max_in_flight:
-            s = min(ready, key=lambda s: (s.last_sent, s.seq))
-            n, wants = s.next_work()
-            return Action(SEND, s.seq, n, wants)
+        for s in self.seqs.values():
+            if s.finished and not s.released and s.mb is None and not s.waiting \
+                    and s.sent_prompt:
+                return Action(RELEASE, s.seq)
+        joiners = [s.seq for s in self.seqs.values() if s.joining]
+        for mb in self.mbs.values():
+            if not mb.in_flight:
+                kept = [r for r in mb.rows if not self.seqs[r].finished]
+                take = max(0, self._share(len(joiners)) - len(kept))
+                return Action(STEP, mb.id, rows=kept + joiners[:take])
+        if joiners and len(self.mbs) < self.n_stages:
+            return Action(STEP, self.new_id(), rows=joiners[:self._share(len(joiners))])
+        prefill = self._next_prompt()
+        if prefill is not None:
+            n, wants = prefill.next_chunk()
+            return Action(CHUNK, prefill.seq, n, wants)
         if self.outstanding:
             return Action(RECV, self.outstanding[0])
-        if ready:  # only reachable with max_in_flight == 0
-            raise ValueError("max_in_flight must be at least 1")
         return Action(DONE)
 
-    def sent(self, s: SeqState, action: Action):
-        """Record that `action` (a SEND) went out for sequence state `s`."""
+    def _share(self, n_joiners: int) -> int:
+        """Rows a micro-batch should hold: the decoding sequences spread evenly."""
+        decoding = sum(len(mb.rows) for mb in self.mbs.values()) + n_joiners
+        return -(-decoding // self.n_stages)
+
+    def _next_prompt(self) -> Optional[SeqState]:
+        """The sequence whose prompt chunk may go now, if any."""
+        if self.mbs and self._chunk_credit <= 0:
+            return None  # decode first: a chunk's worth of positions per step sent
+        started = sum(1 for s in self.seqs.values() if s.sent_prompt and not s.finished)
+        ready = [s for s in self.seqs.values()
+                 if s.in_prefill and not s.waiting and not s.finished
+                 and (s.sent_prompt or self.max_batch is None or started < self.max_batch)]
+        return min(ready, key=lambda s: (s.last_sent, s.seq)) if ready else None
+
+    # -- what happened ------------------------------------------------------------------
+
+    def sent(self, action: Action):
+        """Record that `action` (CHUNK, STEP or RELEASE) was carried out."""
+        if action.kind == RELEASE:
+            self.seqs[action.id].released = True
+            return
+        if action.kind == STEP:
+            mb = self.mbs.setdefault(action.id, MicroBatch(action.id))
+            for r in mb.rows:
+                if r not in action.rows:  # left: its caches went with the old rows
+                    self.seqs[r].mb, self.seqs[r].released = None, True
+            for r in action.rows:
+                self.seqs[r].mb = mb.id
+            mb.rows = list(action.rows)
+            if not mb.rows:
+                del self.mbs[mb.id]
+                return
+            mb.in_flight = True
+            self.outstanding.append(mb.id)
+            self._chunk_credit = self._credit_per_step
+            return
+        s = self.seqs[action.id]
         s.last_sent, self.clock = self.clock, self.clock + 1
-        if s.in_prefill:
-            s.sent_prompt += action.length
+        s.sent_prompt += action.length
+        self._chunk_credit -= action.length
         if action.wants_result:
             s.waiting = True
             self.outstanding.append(s.seq)
 
-    def received(self, s: SeqState, finished: bool):
-        """Record the oldest result arrived (a token was sampled); finished ends s."""
-        assert self.outstanding.popleft() == s.seq, "results come back in send order"
-        s.waiting = False
-        s.generated += 1
-        s.finished = finished or s.generated >= s.max_new
+    def received(self, id: int) -> list:
+        """The oldest result (id) came back: a token for each of its sequences, which
+        are returned; a sequence that has all its tokens finishes."""
+        assert self.outstanding.popleft() == id, "results come back in send order"
+        if id in self.mbs:
+            mb = self.mbs[id]
+            mb.in_flight = False
+            rows = [self.seqs[r] for r in mb.rows]
+        else:
+            rows = [self.seqs[id]]
+            rows[0].waiting = False
+        for s in rows:
+            if not s.finished:
+                s.generated += 1
+                s.finished = s.generated >= s.max_new
+        return [s.seq for s in rows]
+
+    def stopped(self, seq: int):
+        """Sequence `seq` ends early (end of sequence, a stop string)."""
+        self.seqs[seq].finished = True
+
+    def forget(self, seqs):
+        """Drop finished sequences that no longer hold anything anywhere."""
+        for s in list(seqs):
+            st = self.seqs.get(s)
+            if st is not None and st.finished and st.released:
+                del self.seqs[s]
+
+    def idle(self) -> bool:
+        """Nothing started and unfinished: no work, no micro-batch, nothing in flight."""
+        return not self.mbs and not self.outstanding and all(
+            s.finished and (s.released or not s.sent_prompt) for s in self.seqs.values())
 
 
-def simulate(schedule: Schedule, states: list, n_stages: int, max_steps: int = 10_000):
+def simulate(schedule: Schedule, n_stages: int, max_steps: int = 10_000,
+             stop_at: Optional[dict] = None):
     """Play the schedule on n unit-time stages; returns (grid, steps).
 
-    grid[t][r] is the label of the work stage r does at step t ('' when idle): the
-    sequence letter and, for prompt chunks, the chunk number, e.g. 'A1' or 'Bd' for a
-    decode step. Each stage takes one step per message; a message enters stage r+1
-    the step after stage r finished it; the coordinator (stage 0) also samples, free.
+    grid[t][r] is the label of the work stage r does at step t ('' when idle): for a
+    prompt chunk the sequence's letter and chunk number ('A1'), for a decode step the
+    micro-batch's rows' letters ('ABd'). Each stage takes one step per message; a message
+    enters stage r+1 the step after stage r finished it; the coordinator (stage 0) also
+    samples, free. `stop_at`: {seq: tokens} ends a sequence early after that many.
     """
-    by_seq = {s.seq: s for s in states}
     queues = [deque() for _ in range(n_stages)]  # messages waiting at each stage
     returned = deque()  # results back at the coordinator
     grid, t = [], 0
-    chunk_no = {s.seq: 0 for s in states}
+    chunk_no: dict = {}
+    stop_at = stop_at or {}
     while t < max_steps:
-        # The coordinator acts (sends as long as it may; receives what has arrived).
-        while True:
-            a = schedule.next_action(states)
-            if a.kind == SEND:
-                s = by_seq[a.seq]
-                label = _label(s, chunk_no)
-                schedule.sent(s, a)
-                queues[0].append((label, a.seq, a.wants_result))
-                continue
-            if a.kind == RECV and returned and returned[0] == a.seq:
+        while True:  # the coordinator acts: sends while it may, receives what arrived
+            a = schedule.next_action()
+            if a.kind == RECV and returned and returned[0] == a.id:
                 returned.popleft()
-                schedule.received(by_seq[a.seq], finished=False)
+                for s in schedule.received(a.id):
+                    st = schedule.seqs[s]
+                    if not st.finished and stop_at.get(s) == st.generated:
+                        schedule.stopped(s)
+                continue
+            if a.kind in (CHUNK, STEP, RELEASE):
+                label = _label(schedule, a, chunk_no)
+                schedule.sent(a)
+                if label:
+                    queues[0].append((label, a.id, a.kind == STEP or a.wants_result))
                 continue
             break
         if a.kind == DONE and not any(queues):
@@ -162,31 +287,38 @@ def simulate(schedule: Schedule, states: list, n_stages: int, max_steps: int = 1
                 moved.append((r, msg))
             else:
                 row.append("")
-        for r, (label, seq, wants) in moved:
+        for r, msg in moved:
             if r + 1 < n_stages:
-                queues[r + 1].append((label, seq, wants))
-            elif wants:
-                returned.append(seq)
+                queues[r + 1].append(msg)
+            elif msg[2]:
+                returned.append(msg[1])
         grid.append(row)
         t += 1
     raise RuntimeError(f"schedule did not finish in {max_steps} steps")
 
 
-def _label(s: SeqState, chunk_no: dict) -> str:
-    letter = chr(ord("A") + (s.seq - 1) % 26)
-    if s.in_prefill:
-        chunk_no[s.seq] += 1
-        return f"{letter}{chunk_no[s.seq]}"
-    return f"{letter}d"
+def _letter(seq: int) -> str:
+    return chr(ord("A") + (seq - 1) % 26)
+
+
+def _label(schedule: Schedule, a: Action, chunk_no: dict) -> str:
+    """What a message shows in the grid ('' for messages that take no stage time)."""
+    if a.kind == CHUNK:
+        chunk_no[a.id] = chunk_no.get(a.id, 0) + 1
+        return f"{_letter(a.id)}{chunk_no[a.id]}"
+    if a.kind == STEP and a.rows:
+        return "".join(_letter(r) for r in a.rows) + "d"
+    return ""
 
 
 def format_grid(grid: list) -> str:
     """The plan as text: one line per step, one column per rank."""
     n = len(grid[0]) if grid else 0
-    head = "step | " + " ".join(f"r{r:<3}" for r in range(n))
+    width = max([4] + [len(c) for row in grid for c in row])
+    head = "step | " + " ".join(f"r{r:<{width - 1}}" for r in range(n))
     lines = [head, "-" * len(head)]
     for t, row in enumerate(grid):
-        lines.append(f"{t:4d} | " + " ".join(f"{c or '.':<4}" for c in row))
+        lines.append(f"{t:4d} | " + " ".join(f"{c or '.':<{width}}" for c in row))
     return "\n".join(lines)
 
 

@@ -1,20 +1,25 @@
 """A stage: one rank's slice of the layer stack and the KV caches of its sequences.
 
 A stage knows its index, whether it embeds (first) and whether it holds the head, and
-how to run one chunk of one sequence through its layers (the model's `forward_layers`).
-It keeps a separate list of caches per sequence id, so sequences in flight never share
-cache slots, and counts the time it computes. It knows nothing of sockets: the loop at
-the bottom pairs it with a Transport.
+how to run a message through its layers (the model's `forward_layers`): a prompt chunk
+of one sequence, with that sequence's own caches, or a decode step of a micro-batch,
+whose rows' caches are packed into one batch cache per layer (models/batch_cache.py).
+Sequences and micro-batches share one id space. A sequence's own caches move into a
+micro-batch when it joins (`group`), and are dropped when it leaves or is released. It
+counts the time it computes. It knows nothing of sockets: the loop at the bottom pairs
+it with a Transport.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import mlx.core as mx
 
-from dist_runtime.transport import (FLAG_RETURN, OP_FORWARD, OP_RELEASE, OP_STATS, Header,
-                                    TransportError)
+from dist_runtime.transport import (FLAG_RETURN, OP_FORWARD, OP_GROUP, OP_RELEASE, OP_STATS,
+                                    Header, TransportError)
+from models.batch_cache import BatchKVCache
 
 
 class Stage:
@@ -23,6 +28,7 @@ class Stage:
     def __init__(self, model, index: int, n_stages: int):
         self.model, self.index, self.n_stages = model, index, n_stages
         self.caches: dict = {}  # sequence id -> list of caches, one per owned layer
+        self.batches: dict = {}  # micro-batch id -> (sequence ids, batch cache per layer)
         self._busy_s = 0.0  # seconds spent computing (for the benchmark's busy fraction)
 
     @property
@@ -35,39 +41,71 @@ class Stage:
         caches = self.caches.get(seq)
         return caches[0].offset if caches else 0
 
-    def embed(self, tokens: list) -> mx.array:
-        """Token ids of one sequence -> h [1, L, D] (first stage only)."""
-        return self.model.embed(mx.array([tokens]))
-
-    def forward(self, h: mx.array, seq: int, offset: int) -> mx.array:
-        """Run h [B, L, D] of sequence `seq` (starting at `offset`) through the owned layers."""
-        caches = self.caches.setdefault(seq, self.model.make_caches())
-        if caches and caches[0].offset != offset:
-            raise TransportError(f"stage {self.index}: sequence {seq} arrives at position "
+    def forward(self, h: mx.array, id: int, offset: Optional[int] = None) -> mx.array:
+        """Run h [B, L, D] through the owned layers (lazily): a micro-batch's step, or a
+        prompt chunk of sequence `id` starting at `offset` (checked when given)."""
+        if id in self.batches:
+            seqs, caches = self.batches[id]
+            if h.shape[0] != len(seqs):
+                raise TransportError(f"stage {self.index}: micro-batch {id} has {len(seqs)} "
+                                     f"rows but a step of {h.shape[0]} arrived")
+            return self.model.forward_layers(h, caches)
+        caches = self.caches.setdefault(id, self.model.make_caches())
+        if offset is not None and caches and caches[0].offset != offset:
+            raise TransportError(f"stage {self.index}: sequence {id} arrives at position "
                                  f"{offset} but its cache holds {caches[0].offset}")
         return self.model.forward_layers(h, caches)
 
-    def run(self, h: mx.array, seq: int, offset: int) -> mx.array:
-        """forward() evaluated, its time counted as busy."""
+    def timed(self, out: mx.array) -> mx.array:
+        """`out` evaluated, its time counted as busy."""
         t0 = time.perf_counter()
-        out = self.forward(h, seq, offset)
         mx.eval(out)
         self._busy_s += time.perf_counter() - t0
         return out
 
-    def logits(self, h: mx.array) -> mx.array:
-        """The head on the last position of h [1, L, D] -> logits [V], evaluated and timed
-        (the coordinator only)."""
-        t0 = time.perf_counter()
-        out = self.model.head(h[:, -1:])[0, 0]
-        mx.eval(out)
-        self._busy_s += time.perf_counter() - t0
-        return out
+    def group(self, id: int, seqs: list):
+        """Micro-batch `id` now holds rows `seqs`, in order: rows it held keep their
+        caches, new rows bring their sequence's own, rows not listed are dropped. No rows
+        dissolves it."""
+        old_seqs, old_caches = self.batches.pop(id, ([], []))
+        if not seqs:
+            return
+        if seqs == old_seqs:
+            self.batches[id] = (old_seqs, old_caches)
+            return
+        old_rows = [c.rows() for c in old_caches]  # per layer, per old row
+        layers = []
+        for n in range(len(self.model.owned_layers())):
+            rows = []
+            for s in seqs:
+                if s in old_seqs:
+                    rows.append(old_rows[n][old_seqs.index(s)])
+                elif s in self.caches:
+                    rows.append(self.caches[s][n])
+                else:
+                    raise TransportError(f"stage {self.index}: sequence {s} joins micro-batch "
+                                         f"{id} but this stage holds no cache for it")
+            layers.append(BatchKVCache.pack(rows))
+        for s in seqs:
+            self.caches.pop(s, None)  # moved into the batch
+        self.batches[id] = (list(seqs), layers)
+
+    def live(self) -> int:
+        """Sequences whose caches this stage holds (alone or as a micro-batch's rows)."""
+        return len(self.caches) + sum(len(seqs) for seqs, _ in self.batches.values())
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Token ids [B, L] -> h [B, L, D] (first stage only; lazy)."""
+        return self.model.embed(tokens)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of the last position of each row: h [B, L, D] -> [B, V] (lazy)."""
+        return self.model.head(h[:, -1:])[:, 0]
 
     def take_stats(self) -> list:
         """[busy seconds, peak memory GB] since the last call (resets both), and the number
         of sequences whose caches this stage holds now."""
-        out = [self._busy_s, mx.get_peak_memory() / 1e9, len(self.caches)]
+        out = [self._busy_s, mx.get_peak_memory() / 1e9, self.live()]
         self._busy_s = 0.0
         mx.reset_peak_memory()
         return out
@@ -97,7 +135,7 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
         header, h = transport.recv(prev, timeout)
         timeout = None
         if header.op == OP_FORWARD:
-            out = stage.run(h, header.seq, header.offset)
+            out = stage.timed(stage.forward(h, header.seq, header.offset))
             if not stage.is_last:
                 transport.send(nxt, header, out)
             elif header.flags & FLAG_RETURN:
@@ -105,6 +143,11 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
             continue
         if header.op == OP_STATS:
             transport.send(nxt, header, stage.add_stats(h))
+            continue
+        if header.op == OP_GROUP:
+            stage.group(header.seq, h.tolist() if h is not None else [])
+            if not stage.is_last:
+                transport.send(nxt, header, h if h is not None else mx.zeros((0,), mx.int32))
             continue
         if header.op == OP_RELEASE:
             stage.release(header.seq)

@@ -6,8 +6,11 @@ receive. Every field has one meaning for every op. Shapes and dtype are agreed o
 (width and dtype of the hidden state) and checked on every message: a mismatch is an
 error naming both ranks, never a hang or a silently misread buffer.
 
-Payloads by op: FORWARD, a hidden state [batch, length, width]; STATS, a table
-[ranks, STATS_FIELDS]; ABORT, a Blame (dist_runtime/faults.py); RELEASE and STOP, none.
+`seq` names a sequence or a micro-batch (one id space, dist_runtime/schedule.py).
+Payloads by op: FORWARD, a hidden state [batch, length, width] (a prompt chunk of a
+sequence, or one position of each row of a micro-batch); GROUP, the micro-batch's
+sequence ids [batch] (its rows from now on); STATS, a table [ranks, STATS_FIELDS];
+ABORT, a Blame (dist_runtime/faults.py); RELEASE and STOP, none.
 Every blocking wait goes through `Faults.wait`, which holds the deadline and decides
 whom to blame when a wait fails; this module only frames.
 """
@@ -23,7 +26,7 @@ import mlx.core as mx
 from dist_runtime.faults import Blame, Faults
 
 HEADER_LEN = 8
-OP_FORWARD, OP_RELEASE, OP_STOP, OP_ABORT, OP_STATS = 1, 2, 3, 4, 5
+OP_FORWARD, OP_RELEASE, OP_STOP, OP_ABORT, OP_STATS, OP_GROUP = 1, 2, 3, 4, 5, 6
 STATS_FIELDS = 3  # per rank in an OP_STATS payload: busy seconds, peak memory GB, live caches
 FLAG_RETURN = 1  # the last stage sends the last position's hidden state back to rank 0
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
@@ -88,13 +91,16 @@ class Transport:
             header.dtype = DTYPES.index(payload.dtype)
             header.width = payload.shape[-1]
             header.batch, header.length = payload.shape[0], payload.shape[1]
+        if header.op == OP_GROUP:
+            header.batch = payload.shape[0]
+            payload = payload if header.batch else None  # no rows: the header says it all
         t = self.deadline(timeout)
         what = f"sending to {self.names[dst]} took over {t:.0f} s"
-        with self._send_lock:
-            for arr in (header.array(), payload):
-                if arr is not None:
-                    self.faults.wait(mx.distributed.send(arr, dst, group=self.group), what, t,
-                                     peer=dst, receiving=False)
+        sent = mx.distributed.send(header.array(), dst, group=self.group)
+        if payload is not None:  # after the header (ordered in the graph), in one wait
+            sent = mx.distributed.send(mx.depends(payload, sent), dst, group=self.group)
+        with self._send_lock:  # one host sync a message
+            self.faults.wait(sent, what, t, peer=dst, receiving=False)
         if header.op == OP_FORWARD and header.flags & FLAG_RETURN and self.rank != 0:
             self.warm = True  # this stage has passed on the end of the first prompt
 
@@ -121,6 +127,8 @@ class Transport:
         """(shape, dtype) of the payload that follows `header`, or (None, None)."""
         if header.op == OP_STATS:
             return (self.size, STATS_FIELDS), mx.float32
+        if header.op == OP_GROUP:
+            return ((header.batch,), mx.int32) if header.batch else (None, None)
         if header.op != OP_FORWARD:
             return None, None
         if header.width != self.width or not 0 <= header.dtype < len(DTYPES) \

@@ -51,8 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=ints, default=[1])
     p.add_argument("--points", type=points, help="explicit P:G:C triples instead of the sweep, "
                    "e.g. 4096:64:1,128:64:16")
-    p.add_argument("--in-flight", type=int, help="results outstanding at once (default: "
-                   "max(ranks, concurrency))")
     p.add_argument("--baseline", choices=["auto", "off", "only"], default="auto",
                    help="run mlx-lm's pipeline mode too, where it is installed ('only': "
                    "skip our runtime, e.g. when both would not fit in memory at once)")
@@ -60,16 +58,18 @@ def parse_args(argv=None):
     p.add_argument("--label", default="", help="a note stored with every row")
     args = p.parse_args(argv)
     check_model_args(p, args)
+    # Every row's sequences decode together: reserve KV room for the largest.
+    args.max_batch = max(args.max_batch, max(C for _, _, C in sweep(args)))
     return args
 
 
-def measure(coord: Coordinator, vocab: int, P: int, G: int, C: int, in_flight: int) -> dict:
-    """One sweep point on our runtime."""
+def measure(coord: Coordinator, vocab: int, P: int, G: int, C: int) -> dict:
+    """One sweep point on our runtime: C sequences at once, batched as the job allows."""
     greedy = SamplingParams()
     reqs = [Request(prompt_ids(vocab, P, i), G, Sampler(greedy)) for i in range(C)]
     coord.collect_stats()  # reset busy time and peak memory
     t0 = time.perf_counter()
-    results = coord.generate_many(reqs, max_in_flight=in_flight)
+    results = coord.generate_many(reqs)
     wall = time.perf_counter() - t0
     stats = coord.collect_stats()
     first = min(r.t_first for r in results)
@@ -81,13 +81,14 @@ def measure(coord: Coordinator, vocab: int, P: int, G: int, C: int, in_flight: i
         "prefill_tps": C * P / (max(r.t_first for r in results) - t0),
         "decode_tps_per_seq": float(np.mean([r.decode_tps for r in results])),
         "decode_tps_aggregate": decoded / (end - first) if end > first else 0.0,
+        "e2e_tps": C * G / wall,
         "busy_fraction": [round(s[0] / wall, 3) for s in stats],
         "peak_memory_gb": [round(s[1], 3) for s in stats],
         "wall_s": wall,
     }
 
 
-def run_ours(args, coord, config, n_ranks) -> list:
+def run_ours(args, coord, config) -> list:
     """Every sweep point, after one warm-up."""
     vocab = vocab_size(config)
     P, G = warm_up_size(args)
@@ -95,7 +96,7 @@ def run_ours(args, coord, config, n_ranks) -> list:
     coord.generate_many(warm)
     rows = []
     for P, G, C in sweep(args):
-        row = measure(coord, vocab, P, G, C, args.in_flight or max(n_ranks, C))
+        row = measure(coord, vocab, P, G, C)
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
@@ -159,8 +160,8 @@ def main(argv=None) -> int:
     rows = []
     if job.rank == 0:
         life.set("benchmarking")
-        coord = job.coordinator(args.prefill_chunk)
-        rows = run_ours(args, coord, job.config, job.size)
+        coord = job.coordinator(args.prefill_chunk)  # --max-batch: the most at once
+        rows = run_ours(args, coord, job.config)
         coord.stop()
         del coord
     else:

@@ -58,7 +58,10 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="plan with at most this much memory per rank (one value for all, "
                    "or one per rank), e.g. to leave room for other programs")
     p.add_argument("--max-kv-tokens", type=int, default=4096,
-                   help="KV-cache positions to reserve memory for when planning")
+                   help="KV-cache positions per sequence to reserve memory for when planning")
+    p.add_argument("--max-batch", type=int, default=1,
+                   help="sequences decoding at once (micro-batches through the ring); the "
+                   "plan reserves KV room for this many times --max-kv-tokens")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help=f"most prompt positions per message (default {PREFILL_CHUNK} on one "
                    f"rank, {PIPELINE_CHUNK} across ranks; shorter prompts use smaller chunks)")
@@ -74,7 +77,7 @@ def add_model_args(p: argparse.ArgumentParser):
 
 def check_model_args(p: argparse.ArgumentParser, args):
     """The range checks argparse cannot express; p.error (exit 2) on the first failure."""
-    for name in ("prefill_chunk", "max_kv_tokens"):
+    for name in ("prefill_chunk", "max_kv_tokens", "max_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("timeout", "first_timeout", "load_timeout"):

@@ -60,4 +60,4 @@ def format_row(r: dict) -> str:
     return (f"{r['impl']:<18} P={r['prompt_len']:<6} G={r['gen_len']:<5} C={r['concurrency']:<3} "
             f"ttft={r['ttft_s']:8.3f}s prefill={r['prefill_tps']:9.1f} tok/s "
             f"decode/seq={r['decode_tps_per_seq']:7.1f} agg={r['decode_tps_aggregate']:7.1f} "
-            f"busy={busy} peakGB={mem}")
+            f"e2e={r.get('e2e_tps', 0):7.1f} busy={busy} peakGB={mem}")

@@ -55,12 +55,13 @@ def causal_mask(n_queries: int, offset: int, start: int = 0) -> mx.array:
     return q_pos >= k_pos
 
 
-def attention_mask(n_queries: int) -> Optional[Any]:
-    """The mask for a plain causal layer: None for one query, else mlx's fast 'causal'.
-
-    mlx's "causal" mask aligns the queries with the last keys, which is the right
-    alignment for a cache holding every earlier position.
-    """
+def attention_mask(n_queries: int, cache) -> Optional[Any]:
+    """The mask for a plain causal layer: a micro-batch's row mask when the cache holds
+    several sequences (models/batch_cache.py), None for one query, else mlx's fast
+    'causal' (it aligns the queries with the last keys, right for a cache holding every
+    earlier position)."""
+    if getattr(cache, "batched", False):
+        return cache.mask()
     if n_queries == 1:
         return None
     return "causal"
@@ -146,7 +147,7 @@ class PipelineMixin:
 
     def forward_layer(self, index: int, layer, h: mx.array, cache) -> mx.array:
         """One owned layer (global `index`) with the plain causal mask: h [B, L, D]."""
-        return layer(h, attention_mask(h.shape[1]), cache)
+        return layer(h, attention_mask(h.shape[1], cache), cache)
 
     def forward_layers(self, h: mx.array, caches: list) -> mx.array:
         """Run the owned layers in order (a runtime may call forward_layer itself)."""

@@ -184,11 +184,16 @@ def llama3_inv_freq(inv_freq: mx.array, scaling: dict) -> mx.array:
     return mx.where(in_band, blended, stretched)
 
 
-def attention_temperature(offset: int, n: int, floor_scale: int, attn_scale: float) -> mx.array:
-    """Query scale for positions offset..offset+n-1 on NoPE layers, [n, 1]."""
-    pos = mx.arange(offset, offset + n, dtype=mx.float32)
+def attention_temperature(offset, n: int, floor_scale: int, attn_scale: float) -> mx.array:
+    """Query scale for positions offset..offset+n-1 on NoPE layers: [n, 1] for one
+    sequence (an int offset), [B, 1, n, 1] for a micro-batch (offset [B], one per row)."""
+    if isinstance(offset, mx.array):
+        pos = (offset[:, None] + mx.arange(n)[None]).astype(mx.float32)  # [B, n]
+    else:
+        pos = mx.arange(offset, offset + n, dtype=mx.float32)
     steps = mx.floor((pos + 1) / floor_scale)  # grows by one every floor_scale tokens
-    return (1 + attn_scale * mx.log1p(steps))[:, None]
+    scale = (1 + attn_scale * mx.log1p(steps))[..., None]
+    return scale[:, None] if isinstance(offset, mx.array) else scale
 
 
 def chunked_mask(n_queries: int, offset: int, start: int, chunk: int) -> mx.array:
@@ -347,8 +352,8 @@ class Model(nn.Module, PipelineMixin):
     def forward_layer(self, index: int, layer, h: mx.array, cache) -> mx.array:
         """One owned layer, with the mask its global index calls for: h [B, L, D]."""
         n = h.shape[1]
-        if not self.text.is_chunked(index):
-            return layer(h, attention_mask(n), cache)
+        if not self.text.is_chunked(index) or getattr(cache, "batched", False):
+            return layer(h, attention_mask(n, cache), cache)  # a batch masks its own chunks
         mask = chunked_mask(n, cache.offset, cache.start, self.text.attention_chunk_size)
         h = layer(h, mask, cache)
         cache.trim()  # the next query's chunk never needs the keys before it

@@ -72,3 +72,16 @@ def test_memory_limit_must_be_a_finite_positive_number(text):
     with pytest.raises(argparse.ArgumentTypeError, match="finite numbers of GB above 0"):
         parse_memory_limits(text)
     assert parse_memory_limits("64,48.5") == [64.0, 48.5]
+
+
+def test_max_batch_reserves_kv_for_every_sequence():
+    # 8 layers of 1 GB, KV 100 kB a position per layer: 4096 positions = 0.41 GB a layer.
+    c = costs(kv_per_token=100_000)
+    make_plan(c, hosts(20, 20), 4096, None, max_batch=1)
+    with pytest.raises(PlanError) as e:
+        make_plan(c, hosts(20, 20), 4096, None, max_batch=8)  # 3.3 GB a layer: no fit
+    msg = str(e.value)
+    assert "--max-kv-tokens 4096 x --max-batch 8" in msg and "a smaller --max-batch" in msg
+    k = int(msg.split("Fix: ")[1].split("--max-kv-tokens ")[1].split()[0])
+    assert k < 4096
+    make_plan(c, hosts(20, 20), k, None, max_batch=8)  # the proposal is accepted

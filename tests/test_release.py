@@ -30,24 +30,27 @@ def test_rank_0_frees_each_sequence_when_it_finishes():
     def on_token(k):
         def hook(_token):
             counts[k] += 1
-            # A sequence is released once its last token has been taken (after this
-            # hook); one whose last token came earlier must already be gone.
+            # A sequence that has all its tokens leaves its micro-batch at the batch's
+            # next step, which is sent before the host reads this step's tokens: one
+            # whose last token came earlier must already be gone.
             expected = {i for i in range(len(gens)) if counts[i] < gens[i]} | {k}
-            held = {seq - 1 for seq in stage.caches}  # ids are 1, 2, 3 in request order
+            held = {seq - 1 for seq in stage.caches} | {  # ids are 1, 2, 3 in request order
+                seq - 1 for seqs, _ in stage.batches.values() for seq in seqs}
             snapshots.append((k, held, expected, coord.collect_stats()[0][LIVE]))
             return False
         return hook
 
     reqs = [Request([5 + i, 9, 11 + i], g, Sampler(SamplingParams()), on_token=on_token(i))
             for i, g in enumerate(gens)]
-    results = coord.generate_many(reqs, max_in_flight=len(reqs))
+    results = coord.generate_many(reqs)
     assert [len(r.tokens) for r in results] == gens
     assert len(snapshots) == sum(gens)
     assert any(len(exp) < len(gens) for _, _, exp, _ in snapshots)  # some finished early
     for k, held, expected, live in snapshots:
-        assert held == expected, f"after a token of sequence {k}: caches of {held}"
-        assert live == len(expected)
-    assert stage.caches == {}
+        assert held <= expected, f"after a token of sequence {k}: caches of {held}"
+        assert live == len(held)
+    assert any(len(held) == len(gens) for _, held, _, _ in snapshots)  # all three at once
+    assert stage.caches == {} and stage.batches == {}
     assert coord.collect_stats()[0][LIVE] == 0
 
 

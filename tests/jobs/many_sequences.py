@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Test job (run under mlx.launch): the same prompts one at a time, then all in flight.
 
-Prints one JSON line on rank 0: {"alone": [[ids]...], "together": [[ids]...]} where
-'alone' uses whole-prompt prefill and one sequence at a time, and 'together' uses small
-prefill chunks with every sequence in flight at once. Greedy, EOS ignored.
+Prints one JSON line on rank 0: {"alone": [[ids]...], "together": [[ids]...],
+"sampled_alone": ..., "sampled_together": ...} where 'alone' uses whole-prompt prefill
+and one sequence at a time, and 'together' small prefill chunks with every sequence in
+flight at once, decoding in micro-batches (joining and finishing at different steps).
+The greedy pair runs first; the sampled pair gives each sequence its own settings
+(temperature, top-k, top-p, min-p, repetition penalty, seed). EOS ignored.
 """
 
 import json
@@ -47,16 +50,23 @@ def main():
     # Different generation lengths, so sequences finish at different times.
     gens = [args.gen + 3 * i for i in range(len(prompts))]
 
-    def reqs():
-        return [Request(pr, g, Sampler(SamplingParams())) for pr, g in zip(prompts, gens)]
+    settings = [dict(temp=0.9, seed=11), dict(temp=1.2, top_k=20, seed=12),
+                dict(temp=0.7, top_p=0.8, repetition_penalty=1.3, seed=13),
+                dict(temp=1.0, min_p=0.05, seed=14)]
+
+    def reqs(sampled=False):
+        return [Request(pr, g, Sampler(SamplingParams(**(settings[i % len(settings)]
+                                                         if sampled else {})), pr))
+                for i, (pr, g) in enumerate(zip(prompts, gens))]
 
     whole = Coordinator(stage, transport, prefill_chunk=10_000)
-    alone = [whole.generate_many([r])[0].tokens for r in reqs()]
     chunked = Coordinator(stage, transport, prefill_chunk=args.chunk)
-    chunked._next_seq = 100  # fresh sequence ids
-    together = [r.tokens for r in chunked.generate_many(reqs(), max_in_flight=len(prompts))]
+    out = {}
+    for name, sampled in (("", False), ("sampled_", True)):
+        out[name + "alone"] = [whole.generate_many([r])[0].tokens for r in reqs(sampled)]
+        out[name + "together"] = [r.tokens for r in chunked.generate_many(reqs(sampled))]
     chunked.stop()
-    print(json.dumps({"alone": alone, "together": together}), flush=True)
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

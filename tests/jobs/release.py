@@ -57,7 +57,7 @@ def main():
     coord.generate([1, 2, 3, 4, 5], 4, Sampler(SamplingParams()), on_token=on_token)
     after_one = live()
     coord.generate_many([Request([7, 8, 9][: i + 1], 3 + 2 * i, Sampler(SamplingParams()))
-                         for i in range(args.sequences)], max_in_flight=args.sequences)
+                         for i in range(args.sequences)])
     after_many = live()
     coord.stop()
     print(json.dumps({"during": during, "after_one": after_one, "after_many": after_many,

@@ -1,0 +1,138 @@
+"""The KV cache of a micro-batch: B sequences of different lengths decoded together.
+
+Decode is bound by reading weights, so B sequences stepped in one forward cost about
+what one does; only attention differs per row. `BatchKVCache` stores the rows in one
+buffer [B, H, S, Dh], right-aligned: row i's kept keys fill the columns just before
+`end`, padding before them, so one new key per row is one slice write, and one
+attention call with a padding mask serves every row. Each row has its own position
+(RoPE takes the vector `offset`) and its own mask.
+
+Rows come from sequences' own caches once their prompt is in (`pack`), and a batch can be
+re-packed when rows join or leave (`rows()` gives them back). With `chunk` set it serves
+Llama-4's chunked local attention: a query sees only keys of its own chunk, so the mask
+hides older columns, and columns no row can see any more are dropped (the buffer stays
+within about a chunk plus GROWTH_STEP).
+
+A batch only ever takes one new position per row at a time (decode steps); prompts
+are filled through each sequence's own cache (models/cache.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+from .cache import GROWTH_STEP, ChunkedKVCache
+
+
+@dataclass
+class Row:
+    """One sequence's kept keys and values, [1, H, s, Dh], its next position, and the
+    attention chunk of its layer (None: it keeps every position)."""
+
+    keys: mx.array
+    values: mx.array
+    position: int
+    chunk: Optional[int] = None
+
+
+def cache_row(cache) -> Row:
+    """A sequence's own cache (KVCache or ChunkedKVCache) as a Row."""
+    kept = cache.offset - cache.start
+    chunk = cache.chunk_size if isinstance(cache, ChunkedKVCache) else None
+    return Row(cache.keys[:, :, :kept], cache.values[:, :, :kept], cache.offset, chunk)
+
+
+class BatchKVCache:
+    """Keys and values of B rows, [B, H, S, Dh], right-aligned at column `end`."""
+
+    batched = True  # models pick the row-aware mask for these (models/base.py)
+
+    def __init__(self, rows: list, chunk: Optional[int] = None):
+        self.chunk = chunk
+        self.positions = [r.position for r in rows]  # next query position per row
+        kept = [self._kept(p) for p in self.positions]
+        k0, v0 = rows[0].keys, rows[0].values
+        _, H, _, Dk = k0.shape
+        self.end = max(kept)
+        cap = -(-(self.end + 1) // GROWTH_STEP) * GROWTH_STEP
+        self.keys = mx.zeros((len(rows), H, cap, Dk), k0.dtype)
+        self.values = mx.zeros((len(rows), H, cap, v0.shape[3]), v0.dtype)
+        for i, (r, s) in enumerate(zip(rows, kept)):
+            if s:
+                self.keys[i:i + 1, :, self.end - s:self.end] = r.keys[:, :, -s:]
+                self.values[i:i + 1, :, self.end - s:self.end] = r.values[:, :, -s:]
+
+    @classmethod
+    def pack(cls, caches: list) -> "BatchKVCache":
+        """One batch from rows held by sequences' own caches or by other batches:
+        `caches` lists, per row, either a cache or a Row."""
+        rows = [c if isinstance(c, Row) else cache_row(c) for c in caches]
+        chunks = {r.chunk for r in rows}
+        if len(chunks) > 1:
+            raise ValueError(f"rows of one layer's batch disagree on its chunk: {chunks}")
+        return cls(rows, chunks.pop())
+
+    def _kept(self, position: int) -> int:
+        """Keys a row at `position` still needs: all, or those of its current chunk."""
+        return position if self.chunk is None else position % self.chunk
+
+    @property
+    def size(self) -> int:
+        """Rows B."""
+        return len(self.positions)
+
+    @property
+    def offset(self) -> mx.array:
+        """Each row's position, [B] int32: RoPE and position-dependent scales take it."""
+        return mx.array(self.positions, mx.int32)
+
+    def rows(self) -> list:
+        """Each row as a Row (its kept keys only), for re-packing."""
+        out = []
+        for i, p in enumerate(self.positions):
+            s = self._kept(p)
+            out.append(Row(self.keys[i:i + 1, :, self.end - s:self.end],
+                           self.values[i:i + 1, :, self.end - s:self.end], p, self.chunk))
+        return out
+
+    def mask(self) -> mx.array:
+        """Boolean [B, 1, 1, end + 1] for one new query per row: its kept keys and itself."""
+        first = mx.array([self.end - self._kept(p) for p in self.positions])
+        return (mx.arange(self.end + 1)[None] >= first[:, None])[:, None, None, :]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Append one position per row ([B, H, 1, Dh]); return [B, H, end, Dh] views."""
+        if keys.shape[2] != 1:
+            raise ValueError(f"a batch cache takes one position per row, got {keys.shape[2]}")
+        self._make_room()
+        self.keys[:, :, self.end:self.end + 1] = keys
+        self.values[:, :, self.end:self.end + 1] = values
+        self.end += 1
+        self.positions = [p + 1 for p in self.positions]
+        return self.keys[:, :, :self.end], self.values[:, :, :self.end]
+
+    def _make_room(self):
+        """Drop columns no row needs, or grow by GROWTH_STEP, so column `end` exists."""
+        need = max(self._kept(p) for p in self.positions)
+        waste = self.end - need
+        if waste >= GROWTH_STEP:
+            self.keys = self.keys[:, :, waste:]
+            self.values = self.values[:, :, waste:]
+            self.end = need
+        if self.end + 1 > self.keys.shape[2]:
+            B, H, _, Dk = self.keys.shape
+            grow = lambda a: mx.concatenate(  # noqa: E731
+                [a, mx.zeros((B, H, GROWTH_STEP, a.shape[3]), a.dtype)], axis=2)
+            self.keys, self.values = grow(self.keys), grow(self.values)
+
+    def trim(self):
+        """Nothing to do: `update_and_fetch` drops columns no row can see (Llama-4 calls
+        this after every chunked layer for the sequences' own caches)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return self.keys.nbytes + self.values.nbytes
