@@ -54,8 +54,7 @@ class Source:
         if self.repo:  # shard headers come with the download; plan on the config's shapes
             skeleton, _ = build_model(self.config)
             return model_costs(skeleton, self.config)
-        n_layers = len(build_model(self.config)[0].layers)
-        return checkpoint_costs(self.path, self.config, n_layers)
+        return checkpoint_costs(self.path, self.config, build_model(self.config)[0])
 
     def load(self, layers: range, has_embed: bool, has_head: bool, log_prefix: str = ""):
         """(model, config, files read, bytes read) of this rank's stage."""

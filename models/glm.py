@@ -46,6 +46,10 @@ class ModelArgs(BaseConfig):
         """Head width: `head_dim` when given, else hidden_size / heads."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values)."""
+        return [2 * self.num_key_value_heads * self.dim_per_head] * self.num_hidden_layers
+
 
 class Attention(nn.Module):
     """GQA with q/k/v biases and partial interleaved RoPE."""

@@ -79,6 +79,10 @@ class ModelArgs(BaseConfig):
         """Width of one attention head."""
         return self.n_embd // self.n_head
 
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values)."""
+        return [2 * self.n_kv_heads * self.head_dim] * self.n_layer
+
 
 class Attention(nn.Module):
     """Pre-normed GQA: norm, fused qkv projection, RoPE, attention, out_proj."""

@@ -105,6 +105,10 @@ class TextConfig(BaseConfig):
         """Head width: `head_dim` when given, else hidden_size / heads."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values)."""
+        return [2 * self.num_key_value_heads * self.dim_per_head] * self.num_hidden_layers
+
     @property
     def rope(self) -> tuple:
         """(theta, scaling dict or None), from `rope_parameters` or the older fields."""
@@ -144,6 +148,10 @@ class ModelArgs(BaseConfig):
     def __post_init__(self):
         if isinstance(self.text_config, dict):
             self.text_config = TextConfig.from_dict(self.text_config)
+
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values)."""
+        return self.text_config.kv_values_per_token()
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> mx.array:

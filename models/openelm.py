@@ -151,6 +151,11 @@ class ModelArgs(BaseConfig):
             if hkv <= 0 or hq % hkv:
                 raise ConfigError(f"openelm layer {i}: {hq} query heads cannot share {hkv} kv heads")
 
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values): the kv
+        head count varies with depth."""
+        return [2 * kv * self.head_dim for kv in self.num_kv_heads]
+
 
 class Attention(nn.Module):
     """GQA with a fused qkv projection, optional q/k RMSNorm and RoPE; heads vary per layer."""
