@@ -55,6 +55,7 @@ def load_config(path: Path) -> dict:
     if "model_type" not in config:
         raise CheckpointError(f"{cfg_path} has no 'model_type' field, so the architecture "
                               f"is unknown; add e.g. \"model_type\": \"glm4_moe\"")
+    check_config(config, str(cfg_path))
     gen_path = Path(path) / GENERATION_CONFIG_FILE
     if gen_path.is_file():
         try:
@@ -62,6 +63,20 @@ def load_config(path: Path) -> dict:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{gen_path} is not valid JSON ({e})")
     return config
+
+
+def check_config(config: dict, where: str = CONFIG_FILE):
+    """Parse `config` as its architecture does, so a bad value fails now, naming `where`:
+    an unknown model_type, a missing field, a value of the wrong type or an impossible
+    shape (ConfigError / UnknownModelType)."""
+    module = get_module(config["model_type"])
+    try:
+        module.ModelArgs.from_dict(config, where=where)
+    except ConfigError as e:
+        raise ConfigError(str(e) if where in str(e) else f"{where}: {e}") from None
+    except (TypeError, ValueError, ArithmeticError) as e:  # e.g. 0 heads
+        raise ConfigError(f"{where} does not fit model_type {config['model_type']!r}: "
+                          f"{type(e).__name__}: {e}") from None
 
 
 def layer_index(name: str) -> Optional[int]:
@@ -111,12 +126,61 @@ def safetensors_header(file: Path) -> dict:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file} has a corrupt header ({e}); re-download it")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt header (a JSON {_json_kind(header)} where "
+                              f"a safetensors header has an object of tensor name -> "
+                              f"{{dtype, shape, data_offsets}}); re-download it")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise CheckpointError(f"{file} has a corrupt header (tensor {name!r}: {problem}); "
+                                  f"re-download it")
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{file} is truncated: its tensors need {8 + n + end} bytes, "
                               f"the file has {size}; re-download it")
     return header
+
+
+# Bytes per element of the safetensors dtypes mlx reads; others are left to mx.load.
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4,
+               "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _json_kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry_problem(entry) -> Optional[str]:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict):
+        return (f"a JSON {_json_kind(entry)}, not an object with dtype, shape and "
+                f"data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        return f"no {' or '.join(missing)} in {json.dumps(entry)[:120]}"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        return f"dtype {dtype!r} is not a string such as \"F32\""
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        return f"data_offsets {offsets!r} is not [start, end] with 0 <= start <= end"
+    if dtype in DTYPE_SIZES:
+        need = DTYPE_SIZES[dtype]
+        for d in shape:
+            need *= d
+        if offsets[1] - offsets[0] != need:
+            return (f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but "
+                    f"{dtype} of shape {shape} needs {need}")
+    return None
 
 
 @dataclass

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from dist_runtime.checkpoint import UNUSED_PREFIXES, layer_index, safetensors_header, weight_map
+from dist_runtime.checkpoint import (DTYPE_SIZES, UNUSED_PREFIXES, layer_index,
+                                     safetensors_header, weight_map)
 
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1,
-               "F64": 8, "I64": 8, "U16": 2, "I16": 2, "BOOL": 1}
+DTYPE_BYTES = DTYPE_SIZES  # bytes per element of each safetensors dtype
 EXPERT_MARKERS = (".switch_mlp.", ".experts.")  # stacked expert banks: only top-k are read
 EMBED_MARKERS = ("embed_tokens.", "token_embeddings.", "tok_embeddings.")  # one row a token
 

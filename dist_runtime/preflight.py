@@ -426,8 +426,9 @@ def parse_memory_limits(text: str) -> list:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--memory-limit takes GB per rank, e.g. 64 or 64,48; got {text!r}")
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"--memory-limit values must be above 0 GB; got {text!r}")
+    if not all(0 < v < float("inf") for v in values):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"--memory-limit values must be finite numbers of GB "
+                                         f"above 0, e.g. 64 or 64,48; got {text!r}")
     return values
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Optional
+import json
+import math
+import typing
+from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,20 +30,94 @@ class ConfigError(ValueError):
     """A `config.json` that cannot describe a model: missing or ill-typed fields."""
 
 
+_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+          list: "a list", dict: "an object"}
+
+
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value fits a field's annotation (int, float, Optional[list], ...)."""
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is bool:  # configs write flags as numbers too (Llama-4 Scout: 4)
+        return isinstance(value, (bool, int))
+    if origin is not None:
+        hint = origin
+    if hint in (list, dict, str):
+        return isinstance(value, hint)
+    return True
+
+
+def _wanted(hint) -> str:
+    """'an integer', 'a number or null', ... for a field's annotation."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+    kinds = [_KINDS.get(typing.get_origin(a) or a, getattr(a, "__name__", str(a)))
+             for a in args if a is not type(None)]
+    if type(None) in args:
+        kinds.append("null")
+    return " or ".join(kinds)
+
+
+def _suggest(key: str, value, hint):
+    """A corrected value when the intent is plain (a number written as a string)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+    if isinstance(value, str):
+        for kind in (int, float):
+            if kind in args:
+                try:
+                    fixed = kind(value)
+                except ValueError:
+                    continue
+                if kind is float and not math.isfinite(fixed):
+                    continue
+                return fixed
+        if bool in args and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    return None
+
+
 @dataclasses.dataclass
 class BaseConfig:
-    """Dataclass built from a Hugging Face `config.json` dict; unknown keys are ignored."""
+    """Dataclass built from a Hugging Face `config.json` dict; checks each value's type."""
 
     @classmethod
-    def from_dict(cls, params: dict) -> "BaseConfig":
-        """Build from a config dict, keeping only the fields this dataclass declares."""
+    def from_dict(cls, params: dict, where: str = "config.json") -> "BaseConfig":
+        """Build from a config dict, keeping only the fields this dataclass declares.
+
+        A value of the wrong JSON type ("num_hidden_layers": "4") is a ConfigError that
+        names the key, the value, what it must be and, where plain, the fix; `where`
+        names the file (or the nested object) in that message.
+        """
         names = inspect.signature(cls).parameters
         missing = [n for n, p in names.items() if p.default is inspect.Parameter.empty and n not in params]
         if missing:
             raise ConfigError(
-                f"config for model_type {params.get('model_type')!r} lacks required field(s) "
-                f"{', '.join(missing)}; add them to config.json"
+                f"{where} (model_type {params.get('model_type')!r}) lacks required field(s) "
+                f"{', '.join(missing)}; add them"
             )
+        hints = typing.get_type_hints(cls)
+        for key in names:
+            if key in params and key in hints and not _fits(params[key], hints[key]):
+                value, hint = params[key], hints[key]
+                shown = json.dumps(value) if not isinstance(value, str) else repr(value)
+                fixed = _suggest(key, value, hint)
+                fix = (f'write "{key}": {json.dumps(fixed)}' if fixed is not None else
+                       "correct the value")
+                raise ConfigError(f"{where}: \"{key}\" is {shown[:80]} ({_json_kind(value)}), "
+                                  f"but it must be {_wanted(hint)}; {fix}")
         return cls(**{k: v for k, v in params.items() if k in names})
 
 

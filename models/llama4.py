@@ -145,9 +145,12 @@ class ModelArgs(BaseConfig):
     model_type: str
     text_config: dict
 
-    def __post_init__(self):
-        if isinstance(self.text_config, dict):
-            self.text_config = TextConfig.from_dict(self.text_config)
+    @classmethod
+    def from_dict(cls, params: dict, where: str = "config.json") -> "ModelArgs":
+        """The top level, then `text_config` as a TextConfig (errors name it)."""
+        args = super().from_dict(params, where)
+        args.text_config = TextConfig.from_dict(args.text_config, f"{where} text_config")
+        return args
 
     def kv_values_per_token(self) -> list:
         """Per layer, the numbers one cached position holds (keys and values)."""
