@@ -79,6 +79,12 @@ def check_config(config: dict, where: str = CONFIG_FILE):
                           f"{type(e).__name__}: {e}") from None
 
 
+def config_warnings(config: dict, where: str = CONFIG_FILE) -> list:
+    """Keys of `config` its architecture ignores though they may change the computation
+    (models/base.py, BaseConfig.config_warnings); one message each, naming `where`."""
+    return get_module(config["model_type"]).ModelArgs.config_warnings(config, where)
+
+
 def layer_index(name: str) -> Optional[int]:
     """Global layer number in a tensor name (`model.layers.12.mlp...` -> 12), else None."""
     m = LAYER_RE.search(name)

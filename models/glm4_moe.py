@@ -33,7 +33,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads)
+from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads,
+                   rope_settings, split_heads)
 from .experts import ExpertGLU
 
 GROUP_SCORE_TOP = 2  # a group is scored by the sum of its best 2 biased expert scores
@@ -78,12 +79,13 @@ class ModelArgs(BaseConfig):
     num_nextn_predict_layers: int = 1  # MTP layers stored after the last decoder layer
     tie_word_embeddings: bool = False
 
+    # transformers' Glm4MoeConfig maps these names onto its fields too.
+    FIELD_ALIASES = {"num_local_experts": "n_routed_experts",
+                     "num_mtp_layers": "num_nextn_predict_layers"}
+
     def __post_init__(self):
-        rp = self.rope_parameters or {}
-        self.rope_theta = rp.get("rope_theta", self.rope_theta)
-        self.partial_rotary_factor = rp.get("partial_rotary_factor", self.partial_rotary_factor)
-        scaling = self.rope_scaling or rp
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        self.rope_theta, self.partial_rotary_factor, rope_type, _ = rope_settings(
+            self.rope_theta, self.partial_rotary_factor, self.rope_scaling, self.rope_parameters)
         if rope_type != "default":
             raise ConfigError(f"glm4_moe: rope type {rope_type!r} is not implemented; "
                               "only plain RoPE (rope_scaling null) is")
