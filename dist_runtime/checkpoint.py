@@ -85,6 +85,24 @@ def config_warnings(config: dict, where: str = CONFIG_FILE) -> list:
     return get_module(config["model_type"]).ModelArgs.config_warnings(config, where)
 
 
+def fit_config(path: Path, config: dict, wmap: dict) -> dict:
+    """`config` with what only the checkpoint's shapes settle (Lille's MLP width when
+    config.json omits it), for architectures that declare `config_from_shapes`. Reads
+    the safetensors headers of the files at hand (from the Hub: those downloaded)."""
+    module = get_module(config["model_type"])
+    hook = getattr(module, "config_from_shapes", None)
+    if hook is None:
+        return config
+    path = Path(path)
+    at_hand = [n for n in wmap if (path / wmap[n]).is_file()]
+
+    def shape_of(name):
+        entry = safetensors_header(path / wmap[name]).get(name)
+        return tuple(entry["shape"]) if entry else None
+
+    return hook(config, at_hand, shape_of)
+
+
 def layer_index(name: str) -> Optional[int]:
     """Global layer number in a tensor name (`model.layers.12.mlp...` -> 12), else None."""
     m = LAYER_RE.search(name)
@@ -271,10 +289,10 @@ def load_model(path: Path, layers: Optional[range] = None, has_embed: bool = Tru
                has_head: bool = True, progress: Optional[Callable] = None) -> Loaded:
     """Build the stage owning `layers` and load its tensors, checking names and shapes."""
     path = Path(path)
-    config = load_config(path)
+    wmap = weight_map(path)
+    config = fit_config(path, load_config(path), wmap)
     model, args = build_model(config, layers, has_embed, has_head)
     owned = range(*model.layer_range)
-    wmap = weight_map(path)
     names = [n for n in wmap if wanted(n, owned, has_embed or has_head)]
     weights, files, _ = read_weights(path, names, wmap, progress)
     try:

@@ -16,8 +16,8 @@ from typing import Optional
 import mlx.core as mx
 
 from dist_runtime import hub
-from dist_runtime.checkpoint import (CONFIG_FILE, build_model, config_warnings, load_config,
-                                     load_model, log_progress)
+from dist_runtime.checkpoint import (CONFIG_FILE, build_model, config_warnings, fit_config,
+                                     load_config, load_model, log_progress, weight_map)
 from dist_runtime.costs import checkpoint_costs, model_costs
 from dist_runtime.synthetic import preset_config, synthetic_model
 
@@ -49,6 +49,8 @@ class Source:
             self.config = load_config(self.path)
             for message in config_warnings(self.config, str(Path(self.path) / CONFIG_FILE)):
                 warn(message)
+            if kind == "local":  # from the Hub no shard is here yet: load_model does it
+                self.config = fit_config(self.path, self.config, weight_map(self.path))
 
     def costs(self):
         """Per-layer costs (dist_runtime/costs.py) without reading any weight."""
