@@ -398,7 +398,10 @@ def mlxlm_ready(model_type, config):
     return config
 
 
-@pytest.mark.parametrize("model_type", list(MODEL_TYPES))
+# mlx-lm's `llama4_text` is another network (dense layers only, no chunked attention), not
+# transformers' Llama4ForCausalLM; ours is compared with mlx-lm's llama4 on the same
+# weights in tests/test_model_llama4.py.
+@pytest.mark.parametrize("model_type", [m for m in MODEL_TYPES if m != "llama4_text"])
 def test_float32_checkpoint_matches_mlx_lm(tmp_path, model_type):
     config = mlxlm_ready(model_type, preset_config(model_type, "tiny"))
     folder = write_checkpoint(tmp_path, config, seed=2)
