@@ -123,9 +123,21 @@ def weight_map(path: Path) -> dict:
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            return json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is malformed ({e!r}); it needs a 'weight_map' object")
+            data = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index} is malformed ({e}); it needs a 'weight_map' object; "
+                                  f"re-download it")
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict):
+            what = (f"a JSON {_json_kind(data)}" if not isinstance(data, dict) else
+                    "no 'weight_map'" if wmap is None else f"a 'weight_map' {_json_kind(wmap)}")
+            raise CheckpointError(f"{index} is malformed ({what}); it needs a 'weight_map' "
+                                  f"object of tensor name -> file name; re-download it")
+        for name, fname in wmap.items():
+            if not isinstance(fname, str) or not fname:
+                raise CheckpointError(f"{index} is malformed (tensor {name!r} -> {fname!r} is "
+                                      f"not a file name in the folder); re-download it")
+        return wmap
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors files in {path}")

@@ -212,6 +212,18 @@ def break_eps_as_list(folder):
     return [str(folder / "config.json"), '"rms_norm_eps" is [1e-05] (a list)', "must be a finite number"]
 
 
+def break_index_not_an_object(folder):
+    (folder / INDEX).write_text("[]")
+    return [str(folder / INDEX), "is malformed", "a JSON list", "weight_map"]
+
+
+def break_index_map_values(folder):
+    wmap = read_index(folder)
+    wmap[MISSING] = 3
+    (folder / INDEX).write_text(json.dumps({"weight_map": wmap}))
+    return [str(folder / INDEX), "is malformed", MISSING, "file name"]
+
+
 BREAKERS = {  # name -> (which fixture to copy, breaker returning what the message must hold)
     "missing_config": ("good", break_missing_config),
     "malformed_config": ("good", break_malformed_config),
@@ -225,6 +237,8 @@ BREAKERS = {  # name -> (which fixture to copy, breaker returning what the messa
     "header_not_a_table": ("good", break_header_not_a_table),
     "header_entry_without_offsets": ("good", break_header_entry),
     "header_offsets_off": ("good", break_header_offsets),
+    "index_not_an_object": ("sharded", break_index_not_an_object),
+    "index_map_values": ("sharded", break_index_map_values),
     "layers_as_string": ("good", break_layers_as_string),
     "eps_as_list": ("good", break_eps_as_list),
 }
