@@ -12,12 +12,13 @@ RoPE, RMSNorm and a SwiGLU MLP, the LM head tied to the token embedding. Its tra
 - RoPE over the whole head with base `rope_theta`, rotating adjacent pairs (mlx's
   `traditional=True`), as mlx-lm does; see ROPE_TRADITIONAL for the doubt.
 - SwiGLU hidden width from n_embd alone (LilleConfig has no `intermediate_size`), see
-  `ffn_width`, unless config.json states `intermediate_size`; when it does not, the loader
-  reads the width from the checkpoint's own shapes (`config_from_shapes`), since the
-  published rounding rules disagree for some widths. A classic MLP is 4 * n_embd wide with two matrices; SwiGLU has three
+  `ffn_width`: a classic MLP is 4 * n_embd wide with two matrices; SwiGLU has three
   (gate, up, down), so the width is scaled by 2/3 to keep the parameter count,
   int(2/3 * 4 * n_embd) = int(8 * n_embd / 3), then rounded up to a multiple of 256 so
   the matmul widths fill hardware tiles. For n_embd 640: int(1706.67) = 1706 -> 1792.
+  The rounding rules in use disagree for some widths, so a checkpoint's own shapes
+  decide (`config_from_shapes`, used by the loader) unless config.json states
+  `intermediate_size`.
 """
 
 from __future__ import annotations

@@ -209,7 +209,8 @@ def break_layers_as_string(folder):
 
 def break_eps_as_list(folder):
     edit_config(folder, rms_norm_eps=[1e-5])
-    return [str(folder / "config.json"), '"rms_norm_eps" is [1e-05] (a list)', "must be a finite number"]
+    return [str(folder / "config.json"), '"rms_norm_eps" is [1e-05] (a list)',
+            "must be a finite number"]
 
 
 def break_index_not_an_object(folder):
