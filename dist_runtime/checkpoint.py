@@ -55,6 +55,7 @@ def load_config(path: Path) -> dict:
     if "model_type" not in config:
         raise CheckpointError(f"{cfg_path} has no 'model_type' field, so the architecture "
                               f"is unknown; add e.g. \"model_type\": \"glm4_moe\"")
+    check_config(config, str(cfg_path))
     gen_path = Path(path) / GENERATION_CONFIG_FILE
     if gen_path.is_file():
         try:
@@ -62,6 +63,44 @@ def load_config(path: Path) -> dict:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{gen_path} is not valid JSON ({e})")
     return config
+
+
+def check_config(config: dict, where: str = CONFIG_FILE):
+    """Parse `config` as its architecture does, so a bad value fails now, naming `where`:
+    an unknown model_type, a missing field, a value of the wrong type or an impossible
+    shape (ConfigError / UnknownModelType)."""
+    module = get_module(config["model_type"])
+    try:
+        module.ModelArgs.from_dict(config, where=where)
+    except ConfigError as e:
+        raise ConfigError(str(e) if where in str(e) else f"{where}: {e}") from None
+    except (TypeError, ValueError, ArithmeticError) as e:  # e.g. 0 heads
+        raise ConfigError(f"{where} does not fit model_type {config['model_type']!r}: "
+                          f"{type(e).__name__}: {e}") from None
+
+
+def config_warnings(config: dict, where: str = CONFIG_FILE) -> list:
+    """Keys of `config` its architecture ignores though they may change the computation
+    (models/base.py, BaseConfig.config_warnings); one message each, naming `where`."""
+    return get_module(config["model_type"]).ModelArgs.config_warnings(config, where)
+
+
+def fit_config(path: Path, config: dict, wmap: dict) -> dict:
+    """`config` with what only the checkpoint's shapes settle (Lille's MLP width when
+    config.json omits it), for architectures that declare `config_from_shapes`. Reads
+    the safetensors headers of the files at hand (from the Hub: those downloaded)."""
+    module = get_module(config["model_type"])
+    hook = getattr(module, "config_from_shapes", None)
+    if hook is None:
+        return config
+    path = Path(path)
+    at_hand = [n for n in wmap if (path / wmap[n]).is_file()]
+
+    def shape_of(name):
+        entry = safetensors_header(path / wmap[name]).get(name)
+        return tuple(entry["shape"]) if entry else None
+
+    return hook(config, at_hand, shape_of)
 
 
 def layer_index(name: str) -> Optional[int]:
@@ -84,9 +123,21 @@ def weight_map(path: Path) -> dict:
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            return json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is malformed ({e!r}); it needs a 'weight_map' object")
+            data = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index} is malformed ({e}); it needs a 'weight_map' object; "
+                                  f"re-download it")
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict):
+            what = (f"a JSON {_json_kind(data)}" if not isinstance(data, dict) else
+                    "no 'weight_map'" if wmap is None else f"a 'weight_map' {_json_kind(wmap)}")
+            raise CheckpointError(f"{index} is malformed ({what}); it needs a 'weight_map' "
+                                  f"object of tensor name -> file name; re-download it")
+        for name, fname in wmap.items():
+            if not isinstance(fname, str) or not fname:
+                raise CheckpointError(f"{index} is malformed (tensor {name!r} -> {fname!r} is "
+                                      f"not a file name in the folder); re-download it")
+        return wmap
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors files in {path}")
@@ -111,12 +162,61 @@ def safetensors_header(file: Path) -> dict:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file} has a corrupt header ({e}); re-download it")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt header (a JSON {_json_kind(header)} where "
+                              f"a safetensors header has an object of tensor name -> "
+                              f"{{dtype, shape, data_offsets}}); re-download it")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise CheckpointError(f"{file} has a corrupt header (tensor {name!r}: {problem}); "
+                                  f"re-download it")
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{file} is truncated: its tensors need {8 + n + end} bytes, "
                               f"the file has {size}; re-download it")
     return header
+
+
+# Bytes per element of the safetensors dtypes mlx reads; others are left to mx.load.
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4,
+               "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _json_kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry_problem(entry) -> Optional[str]:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict):
+        return (f"a JSON {_json_kind(entry)}, not an object with dtype, shape and "
+                f"data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        return f"no {' or '.join(missing)} in {json.dumps(entry)[:120]}"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        return f"dtype {dtype!r} is not a string such as \"F32\""
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        return f"data_offsets {offsets!r} is not [start, end] with 0 <= start <= end"
+    if dtype in DTYPE_SIZES:
+        need = DTYPE_SIZES[dtype]
+        for d in shape:
+            need *= d
+        if offsets[1] - offsets[0] != need:
+            return (f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but "
+                    f"{dtype} of shape {shape} needs {need}")
+    return None
 
 
 @dataclass
@@ -201,10 +301,10 @@ def load_model(path: Path, layers: Optional[range] = None, has_embed: bool = Tru
                has_head: bool = True, progress: Optional[Callable] = None) -> Loaded:
     """Build the stage owning `layers` and load its tensors, checking names and shapes."""
     path = Path(path)
-    config = load_config(path)
+    wmap = weight_map(path)
+    config = fit_config(path, load_config(path), wmap)
     model, args = build_model(config, layers, has_embed, has_head)
     owned = range(*model.layer_range)
-    wmap = weight_map(path)
     names = [n for n in wmap if wanted(n, owned, has_embed or has_head)]
     weights, files, _ = read_weights(path, names, wmap, progress)
     try:

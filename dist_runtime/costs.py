@@ -12,10 +12,10 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from dist_runtime.checkpoint import UNUSED_PREFIXES, layer_index, safetensors_header, weight_map
+from dist_runtime.checkpoint import (DTYPE_SIZES, UNUSED_PREFIXES, layer_index,
+                                     safetensors_header, weight_map)
 
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1,
-               "F64": 8, "I64": 8, "U16": 2, "I16": 2, "BOOL": 1}
+DTYPE_BYTES = DTYPE_SIZES  # bytes per element of each safetensors dtype
 EXPERT_MARKERS = (".switch_mlp.", ".experts.")  # stacked expert banks: only top-k are read
 EMBED_MARKERS = ("embed_tokens.", "token_embeddings.", "tok_embeddings.")  # one row a token
 
@@ -45,16 +45,13 @@ def expert_fraction(config: dict) -> float:
     return k / e
 
 
-def kv_bytes_per_token(config: dict, n_layers: int, dtype_bytes: int = 2) -> list:
-    """Per layer, bytes one cached position takes (keys + values)."""
-    c = text_config(config)
-    if "num_kv_heads" in c:  # OpenELM: per-layer lists
-        heads = c["num_kv_heads"]
-        return [2 * h * c["head_dim"] * dtype_bytes for h in heads]
-    n_heads = c.get("num_attention_heads") or c.get("n_head")
-    kv = c.get("num_key_value_heads") or c.get("n_kv_heads") or n_heads
-    width = c.get("head_dim") or (c.get("hidden_size") or c.get("n_embd")) // n_heads
-    return [2 * kv * width * dtype_bytes] * n_layers
+def kv_bytes_per_token(args, dtype_bytes: int = 2) -> list:
+    """Per layer, bytes one cached position takes (keys + values).
+
+    `args` is the model's parsed config (its ModelArgs), which knows each layer's kv
+    heads and head width however its config.json spells them (OpenELM's vary by layer).
+    """
+    return [v * dtype_bytes for v in args.kv_values_per_token()]
 
 
 def _accumulate(sizes: dict, n_layers: int, frac: float, tied: bool):
@@ -80,8 +77,10 @@ def tied(config: dict) -> bool:
                 or c.get("model_type") == "lille-130m")
 
 
-def checkpoint_costs(path: Path, config: dict, n_layers: int) -> Costs:
-    """Costs from a local checkpoint's safetensors headers."""
+def checkpoint_costs(path: Path, config: dict, model) -> Costs:
+    """Costs from a local checkpoint's safetensors headers; `model` (unevaluated, built
+    from `config`) gives the layer count and the KV layout."""
+    n_layers = len(model.layers)
     sizes = {}
     for fname in sorted(set(weight_map(path).values())):
         for name, t in safetensors_header(Path(path) / fname).items():
@@ -91,7 +90,7 @@ def checkpoint_costs(path: Path, config: dict, n_layers: int) -> Costs:
             sizes[name] = n
     w, a, h, ha = _accumulate(sizes, n_layers, expert_fraction(config), tied(config))
     packed = any(n.endswith(".scales") for n in sizes)
-    return Costs(w, a, kv_bytes_per_token(config, n_layers), h, ha, packed)
+    return Costs(w, a, kv_bytes_per_token(model.args), h, ha, packed)
 
 
 def model_costs(model, config: dict) -> Costs:
@@ -100,4 +99,4 @@ def model_costs(model, config: dict) -> Costs:
     n_layers = len(model.layers)
     w, a, h, ha = _accumulate(sizes, n_layers, expert_fraction(config), tied(config))
     packed = any(n.endswith(".scales") for n in sizes)
-    return Costs(w, a, kv_bytes_per_token(config, n_layers), h, ha, packed)
+    return Costs(w, a, kv_bytes_per_token(model.args), h, ha, packed)

@@ -7,11 +7,10 @@ then only the safetensors shards that hold the rank's tensors (the index says wh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dist_runtime.checkpoint import (CONFIG_FILE, INDEX_FILE, TOKENIZER_FILES, CheckpointError,
-                                     wanted)
+                                     wanted, weight_map)
 
 # alias -> Hub repo: what a user means by the architecture's name (a 4-bit mlx-community
 # conversion where one exists, since these runs are about fitting big models).
@@ -70,7 +69,7 @@ def fetch_stage_weights(repo: str, folder: Path, layers: range, non_layer: bool)
 
     index = Path(folder) / INDEX_FILE
     if index.is_file():
-        wmap = json.loads(index.read_text())["weight_map"]
+        wmap = weight_map(folder)  # checks the index's layout
         files = sorted({f for n, f in wmap.items() if wanted(n, layers, non_layer)})
     else:
         files = ["*.safetensors"]

@@ -7,6 +7,8 @@ its own stage. Nothing here reads a weight before the plan exists.
 from __future__ import annotations
 
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -14,7 +16,8 @@ from typing import Optional
 import mlx.core as mx
 
 from dist_runtime import hub
-from dist_runtime.checkpoint import build_model, load_config, load_model, log_progress
+from dist_runtime.checkpoint import (CONFIG_FILE, build_model, config_warnings, fit_config,
+                                     load_config, load_model, log_progress, weight_map)
 from dist_runtime.costs import checkpoint_costs, model_costs
 from dist_runtime.synthetic import preset_config, synthetic_model
 
@@ -44,6 +47,10 @@ class Source:
                 self.repo = value
                 self.path = hub.fetch_metadata(value)
             self.config = load_config(self.path)
+            for message in config_warnings(self.config, str(Path(self.path) / CONFIG_FILE)):
+                warn(message)
+            if kind == "local":  # from the Hub no shard is here yet: load_model does it
+                self.config = fit_config(self.path, self.config, weight_map(self.path))
 
     def costs(self):
         """Per-layer costs (dist_runtime/costs.py) without reading any weight."""
@@ -54,8 +61,7 @@ class Source:
         if self.repo:  # shard headers come with the download; plan on the config's shapes
             skeleton, _ = build_model(self.config)
             return model_costs(skeleton, self.config)
-        n_layers = len(build_model(self.config)[0].layers)
-        return checkpoint_costs(self.path, self.config, n_layers)
+        return checkpoint_costs(self.path, self.config, build_model(self.config)[0])
 
     def load(self, layers: range, has_embed: bool, has_head: bool, log_prefix: str = ""):
         """(model, config, files read, bytes read) of this rank's stage."""
@@ -88,6 +94,15 @@ class Source:
             except OSError:  # another rank got there first: use its copy
                 shutil.rmtree(tmp, ignore_errors=True)
         return folder
+
+
+def warn(message: str):
+    """One '[rank r (host)] warning: ...' line on stderr, as every rank's messages look."""
+    from dist_runtime.lifecycle import env_rank
+
+    rank = env_rank()
+    print(f"[rank {0 if rank is None else rank} ({socket.gethostname()})] warning: {message}",
+          file=sys.stderr, flush=True)
 
 
 def synthetic_skeleton(config: dict, dtype, bits, group_size):

@@ -95,11 +95,54 @@ class Tokenizer:
             eos_token=_token_text(self.tok_config.get("eos_token")) or "")
 
     def prompt_ids(self, prompt: str, chat: bool = True) -> list:
-        """Token ids of a user prompt, through the chat template when asked and present."""
+        """Token ids of a user prompt, through the chat template when asked and present.
+
+        Raises TokenizerError for a prompt that is not UTF-8 text, or that gives no
+        tokens at all (nothing to generate from).
+        """
+        check_prompt_text(prompt)
         if chat and self.chat_template:
             text = self.apply_chat_template([{"role": "user", "content": prompt}])
-            return self.encode(text, add_special_tokens=False)
-        return self.encode(prompt)
+            ids = self.encode(text, add_special_tokens=False)
+        else:
+            ids = self.encode(prompt)
+        if not ids:
+            how = ("through the chat template" if chat and self.chat_template else
+                   "as is (--no-chat-template, or the checkpoint has no chat template), "
+                   "and this tokenizer adds no BOS token")
+            raise TokenizerError(f"the prompt {prompt!r} gives no tokens {how}, so there is "
+                                 f"nothing to generate from; give a non-empty --prompt")
+        return ids
+
+
+def utf8_problem(text: str) -> Optional[str]:
+    """Why `text` is not valid UTF-8 text, or None when it is.
+
+    Python hands over command-line bytes that are not UTF-8 as lone surrogates
+    (U+DC80..U+DCFF, 'surrogateescape'); the tokenizer cannot take them.
+    """
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        raw = text.encode("utf-8", "surrogateescape") if all(
+            0xDC80 <= ord(c) <= 0xDCFF for c in text[e.start:e.end]) else None
+        shown = (raw.decode("utf-8", "backslashreplace") if raw is not None
+                 else text.encode("utf-8", "backslashreplace").decode("ascii"))
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        where = len(text[:e.start].encode("utf-8"))
+        what = (f"byte 0x{raw[where]:02x}" if raw is not None
+                else f"the lone surrogate U+{ord(text[e.start]):04X}")
+        return f"{what} at position {where} of '{shown}'"
+
+
+def check_prompt_text(prompt: str):
+    """Raise TokenizerError, with the offending byte and the fix, unless `prompt` is UTF-8."""
+    problem = utf8_problem(prompt)
+    if problem:
+        raise TokenizerError(f"--prompt is not valid UTF-8: {problem}; pass UTF-8 text "
+                             f"(check the terminal's or the file's encoding)")
 
 
 def _raise_template_error(msg):

@@ -223,7 +223,9 @@ def cmd_check(args) -> int:
                                     for p in problems):
         results, more = check_hosts(data, args.python, args.ssh, args.timeout)
         problems += more
-    hosts = (data["hosts"] if isinstance(data, dict) else data) if data is not None else []
+    hosts = data.get("hosts") if isinstance(data, dict) else data
+    if not isinstance(hosts, list):  # refused above ("hosts" must be a non-empty list)
+        hosts = []
     ranks: dict = {}
     for i, h in enumerate(hosts):
         if isinstance(h, dict) and h.get("ssh") in results:

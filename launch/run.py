@@ -55,6 +55,11 @@ def parse_args(argv=None):
         p.error(f"--max-tokens must be at least 1 (how many tokens to generate), got "
                 f"{args.max_tokens}")
     check_model_args(p, args)
+    from dist_runtime.tokenizer import TokenizerError, check_prompt_text
+    try:  # on every rank alike, not as rank 0's tokenizer error after the start
+        check_prompt_text(args.prompt)
+    except TokenizerError as e:
+        p.error(str(e))
     try:  # sampling options fail here, on every rank, not on rank 0 after loading
         SamplingParams(args.temp, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
                        seed=args.seed).check()

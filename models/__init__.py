@@ -16,6 +16,7 @@ MODEL_TYPES = {
     "openelm": "openelm",
     "lille-130m": "lille_130m",
     "llama4": "llama4",
+    "llama4_text": "llama4_text",  # Llama4ForCausalLM: the text model without its wrapper
 }
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Optional
+import json
+import math
+import typing
+from typing import Any, ClassVar, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,20 +30,180 @@ class ConfigError(ValueError):
     """A `config.json` that cannot describe a model: missing or ill-typed fields."""
 
 
+# Keys any Hugging Face config may carry that never change what a model computes when
+# generating: bookkeeping, token ids (the tokenizer side reads them), training-only
+# settings, old generation defaults, and the quantization the loader reads itself.
+COMMON_INERT = frozenset({
+    "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
+    "_name_or_path", "name_or_path", "bos_token_id", "eos_token_id", "pad_token_id",
+    "sep_token_id", "decoder_start_token_id", "use_cache", "initializer_range",
+    "attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop",
+    "attn_pdrop", "output_attentions", "output_hidden_states", "return_dict", "torchscript",
+    "use_return_dict", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tie_encoder_decoder", "id2label", "label2id",
+    "num_labels", "problem_type", "tokenizer_class", "prefix", "task_specific_params",
+    "finetuning_task", "pruned_heads", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature",
+    "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss", "use_bfloat16",
+    "quantization", "quantization_config",
+})
+
+
+def rope_settings(theta: float, partial: Optional[float], rope_scaling: Optional[dict],
+                  rope_parameters: Optional[dict]) -> tuple:
+    """(theta, partial rotary factor, rope type, the RoPE dict) as transformers reads them.
+
+    Older configs write `rope_theta` and `partial_rotary_factor` at the top (and
+    `rope_scaling` for a scaled RoPE); transformers 5 writes them inside
+    `rope_parameters`. transformers takes `rope_scaling` when set, else
+    `rope_parameters`; a value inside that dict wins over the top-level one.
+    """
+    p = rope_scaling or rope_parameters or {}
+    name = "rope_scaling" if rope_scaling else "rope_parameters"
+    theta = p.get("rope_theta", theta)
+    partial = p.get("partial_rotary_factor", partial)
+    kind = p.get("rope_type", p.get("type", "default"))
+    if not (_fits(theta, float) and theta > 0):
+        raise ConfigError(f"the RoPE base (rope_theta, in {name} or at the top) is "
+                          f"{theta!r}; it must be a number above 0, e.g. 10000.0")
+    if partial is not None and not (_fits(partial, float) and 0 < partial <= 1):
+        raise ConfigError(f"partial_rotary_factor is {partial!r}; it must be a "
+                          f"number in (0, 1], the share of each head that RoPE turns")
+    return theta, partial, kind, p
+
+
+_KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+          list: "a list", dict: "an object"}
+
+
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value fits a field's annotation (int, float, Optional[list], ...)."""
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is bool:  # configs write flags as numbers too (Llama-4 Scout: 4)
+        return isinstance(value, (bool, int))
+    if origin is not None:
+        hint = origin
+    if hint in (list, dict, str):
+        return isinstance(value, hint)
+    return True
+
+
+def _wanted(hint) -> str:
+    """'an integer', 'a number or null', ... for a field's annotation."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+    kinds = [_KINDS.get(typing.get_origin(a) or a, getattr(a, "__name__", str(a)))
+             for a in args if a is not type(None)]
+    if type(None) in args:
+        kinds.append("null")
+    return " or ".join(kinds)
+
+
+def _suggest(key: str, value, hint):
+    """A corrected value when the intent is plain (a number written as a string)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+    if isinstance(value, str):
+        for kind in (int, float):
+            if kind in args:
+                try:
+                    fixed = kind(value)
+                except ValueError:
+                    continue
+                if kind is float and not math.isfinite(fixed):
+                    continue
+                return fixed
+        if bool in args and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    return None
+
+
 @dataclasses.dataclass
 class BaseConfig:
-    """Dataclass built from a Hugging Face `config.json` dict; unknown keys are ignored."""
+    """Dataclass built from a Hugging Face `config.json` dict; checks each value's type.
+
+    What a subclass may declare, so that config.json is read as the reference reads it:
+    - FIELD_ALIASES: other spellings the reference reads, key -> field
+      (e.g. GLM-4.5's num_local_experts -> n_routed_experts);
+    - ASSUMED: keys the model does not read because it implements one value only, key ->
+      the values it implements (hidden_act: silu); another value gets a warning;
+    - INERT: the model's own keys that do not change the computation (beside
+      COMMON_INERT). Any other key it does not read gets a warning.
+    """
+
+    FIELD_ALIASES: ClassVar[dict] = {}
+    ASSUMED: ClassVar[dict] = {"hidden_act": ("silu", "swish")}
+    INERT: ClassVar[frozenset] = frozenset()
 
     @classmethod
-    def from_dict(cls, params: dict) -> "BaseConfig":
-        """Build from a config dict, keeping only the fields this dataclass declares."""
+    def config_warnings(cls, params: dict, where: str = "config.json") -> list:
+        """Messages about keys of `params` that this model ignores though they may change
+        what it computes (keys starting with '_' are the loader's own)."""
+        names = set(inspect.signature(cls).parameters)
+        out, unread = [], []
+        for key, value in params.items():
+            if key.startswith("_") or key in names or key in cls.FIELD_ALIASES or \
+                    key in COMMON_INERT or key in cls.INERT:
+                continue
+            if key in cls.ASSUMED:
+                if value is not None and value not in cls.ASSUMED[key]:
+                    out.append(f"{where}: \"{key}\" is {value!r}, but this implementation "
+                               f"always computes with {cls.ASSUMED[key][0]!r}; its output "
+                               f"will differ from the reference implementation's")
+                continue
+            unread.append(key)
+        if unread:
+            out.append(f"{where}: model_type {params.get('model_type')!r} does not read "
+                       f"{', '.join(map(repr, sorted(unread)))}; if they change what the "
+                       f"model computes, its output will differ from the reference "
+                       f"implementation's")
+        return out
+
+    @classmethod
+    def from_dict(cls, params: dict, where: str = "config.json") -> "BaseConfig":
+        """Build from a config dict, keeping only the fields this dataclass declares.
+
+        A value of the wrong JSON type ("num_hidden_layers": "4") is a ConfigError that
+        names the key, the value, what it must be and, where plain, the fix; `where`
+        names the file (or the nested object) in that message.
+        """
         names = inspect.signature(cls).parameters
+        params = {**{f: params[a] for a, f in cls.FIELD_ALIASES.items()
+                     if a in params and f not in params}, **params}
         missing = [n for n, p in names.items() if p.default is inspect.Parameter.empty and n not in params]
         if missing:
             raise ConfigError(
-                f"config for model_type {params.get('model_type')!r} lacks required field(s) "
-                f"{', '.join(missing)}; add them to config.json"
+                f"{where} (model_type {params.get('model_type')!r}) lacks required field(s) "
+                f"{', '.join(missing)}; add them"
             )
+        hints = typing.get_type_hints(cls)
+        for key in names:
+            if key in params and key in hints and not _fits(params[key], hints[key]):
+                value, hint = params[key], hints[key]
+                shown = json.dumps(value) if not isinstance(value, str) else repr(value)
+                fixed = _suggest(key, value, hint)
+                fix = (f'write "{key}": {json.dumps(fixed)}' if fixed is not None else
+                       "correct the value")
+                raise ConfigError(f"{where}: \"{key}\" is {shown[:80]} ({_json_kind(value)}), "
+                                  f"but it must be {_wanted(hint)}; {fix}")
         return cls(**{k: v for k, v in params.items() if k in names})
 
 

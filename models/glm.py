@@ -19,7 +19,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseConfig, PipelineMixin, attention, merge_heads, split_heads
+from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads,
+                   rope_settings, split_heads)
 
 
 @dataclass
@@ -38,13 +39,27 @@ class ModelArgs(BaseConfig):
     attention_bias: bool = True  # GLM-4 keeps q/k/v biases
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.5  # GLM-4 rotates half of each head
+    rope_scaling: Optional[dict] = None  # older spelling of rope_parameters
+    rope_parameters: Optional[dict] = None  # transformers 5: rope_theta & co. live here
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        """Take rope_theta and partial_rotary_factor from wherever transformers would."""
+        self.rope_theta, self.partial_rotary_factor, kind, _ = rope_settings(
+            self.rope_theta, self.partial_rotary_factor, self.rope_scaling, self.rope_parameters)
+        if kind != "default":
+            raise ConfigError(f"glm: rope type {kind!r} is not implemented; only plain RoPE "
+                              f"(rope_type \"default\") is")
 
     @property
     def dim_per_head(self) -> int:
         """Head width: `head_dim` when given, else hidden_size / heads."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values)."""
+        return [2 * self.num_key_value_heads * self.dim_per_head] * self.num_hidden_layers
 
 
 class Attention(nn.Module):

@@ -33,7 +33,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads)
+from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads,
+                   rope_settings, split_heads)
 from .experts import ExpertGLU
 
 GROUP_SCORE_TOP = 2  # a group is scored by the sum of its best 2 biased expert scores
@@ -78,13 +79,14 @@ class ModelArgs(BaseConfig):
     num_nextn_predict_layers: int = 1  # MTP layers stored after the last decoder layer
     tie_word_embeddings: bool = False
 
+    # transformers' Glm4MoeConfig maps these names onto its fields too.
+    FIELD_ALIASES = {"num_local_experts": "n_routed_experts",
+                     "num_mtp_layers": "num_nextn_predict_layers"}
+
     def __post_init__(self):
-        """Read the transformers-5 `rope_parameters` form, then check the routing fields."""
-        rp = self.rope_parameters or {}
-        self.rope_theta = rp.get("rope_theta", self.rope_theta)
-        self.partial_rotary_factor = rp.get("partial_rotary_factor", self.partial_rotary_factor)
-        scaling = self.rope_scaling or rp
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        """Read the RoPE settings as transformers does, then check the routing fields."""
+        self.rope_theta, self.partial_rotary_factor, rope_type, _ = rope_settings(
+            self.rope_theta, self.partial_rotary_factor, self.rope_scaling, self.rope_parameters)
         if rope_type != "default":
             raise ConfigError(f"glm4_moe: rope type {rope_type!r} is not implemented; "
                               "only plain RoPE (rope_scaling null) is")
@@ -108,6 +110,10 @@ class ModelArgs(BaseConfig):
     def dim_per_head(self) -> int:
         """Head width: `head_dim` when given, else hidden_size / heads."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values)."""
+        return [2 * self.num_key_value_heads * self.dim_per_head] * self.num_hidden_layers
 
 
 class Attention(nn.Module):

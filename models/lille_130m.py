@@ -11,17 +11,21 @@ RoPE, RMSNorm and a SwiGLU MLP, the LM head tied to the token embedding. Its tra
   query heads and n_kv_heads key/value heads, head width n_embd / n_head.
 - RoPE over the whole head with base `rope_theta`, rotating adjacent pairs (mlx's
   `traditional=True`), as mlx-lm does; see ROPE_TRADITIONAL for the doubt.
-- SwiGLU hidden width from n_embd alone (there is no `intermediate_size` field), see
+- SwiGLU hidden width from n_embd alone (LilleConfig has no `intermediate_size`), see
   `ffn_width`: a classic MLP is 4 * n_embd wide with two matrices; SwiGLU has three
   (gate, up, down), so the width is scaled by 2/3 to keep the parameter count,
   int(2/3 * 4 * n_embd) = int(8 * n_embd / 3), then rounded up to a multiple of 256 so
   the matmul widths fill hardware tiles. For n_embd 640: int(1706.67) = 1706 -> 1792.
+  The rounding rules in use disagree for some widths, so a checkpoint's own shapes
+  decide (`config_from_shapes`, used by the loader) unless config.json states
+  `intermediate_size`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,6 +33,7 @@ import mlx.nn as nn
 from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads)
 
 FFN_MULTIPLE = 256  # SwiGLU widths are rounded up to a multiple of this
+FFN_GATE = re.compile(r"^transformer\.layers\.\d+\.feed_forward\.gate_proj\.weight$")
 # mlx-lm rotates adjacent pairs. The author's GGUF export permutes q/k the way HF-Llama
 # (half-rotating) weights are permuted for llama.cpp, which hints the original rotates
 # halves instead; the original model.py is not public, so we follow mlx-lm, which is
@@ -62,6 +67,7 @@ class ModelArgs(BaseConfig):
     layer_norm_eps: float = 1e-5  # eps of every RMSNorm
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True  # LilleConfig always sets True
+    intermediate_size: Optional[int] = None  # SwiGLU width; None: ffn_width(n_embd)
 
     def __post_init__(self):
         """Fill n_kv_heads and reject shapes the architecture cannot have."""
@@ -78,6 +84,15 @@ class ModelArgs(BaseConfig):
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.n_embd // self.n_head
+
+    @property
+    def ffn_width(self) -> int:
+        """SwiGLU hidden width: as stated, else by the author's rule (`ffn_width`)."""
+        return self.intermediate_size or ffn_width(self.n_embd)
+
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values)."""
+        return [2 * self.n_kv_heads * self.head_dim] * self.n_layer
 
 
 class Attention(nn.Module):
@@ -108,7 +123,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        width = ffn_width(args.n_embd)
+        width = args.ffn_width
         self.norm = nn.RMSNorm(args.n_embd, eps=args.layer_norm_eps)
         self.gate_proj = nn.Linear(args.n_embd, width, bias=False)
         self.up_proj = nn.Linear(args.n_embd, width, bias=False)
@@ -166,6 +181,21 @@ class Model(nn.Module, PipelineMixin):
         tied_heads = ("lm_head.weight", "transformer.lm_head.weight", "transformer.output.weight")
         return {k: v for k, v in weights.items()
                 if k not in tied_heads and not any(t in k for t in rope_tables)}
+
+
+def config_from_shapes(config: dict, names: list, shape_of: Callable) -> dict:
+    """`config` with the MLP width its checkpoint was saved with, when config.json does not
+    state one: two rounding rules are in use (`ffn_width`), and the shapes settle it.
+
+    `names` are tensor names whose file is at hand, `shape_of(name)` their shape (the
+    loader reads it from the safetensors header); dim 0 of gate_proj is the width, packed
+    or not.
+    """
+    if config.get("intermediate_size") is not None:
+        return config
+    name = next((n for n in names if FFN_GATE.match(n)), None)
+    shape = shape_of(name) if name else None
+    return dict(config, intermediate_size=int(shape[0])) if shape else config
 
 
 # Synthetic presets (dist_runtime/synthetic.py): config dicts in HF form.

@@ -43,7 +43,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (BaseConfig, ConfigError, PipelineMixin, attention, attention_mask, causal_mask,
-                   merge_heads, split_heads)
+                   merge_heads, rope_settings, split_heads)
 from .cache import ChunkedKVCache, KVCache
 from .experts import ExpertGLU
 
@@ -82,7 +82,10 @@ class TextConfig(BaseConfig):
     rope_theta: float = 500000.0
     rope_scaling: Optional[dict] = None
     rope_parameters: Optional[dict] = None  # newer HF spelling of theta + scaling
-    max_position_embeddings: int = 131072  # no released checkpoint ties the embeddings
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False  # no released checkpoint ties the embeddings
+
+    INERT = frozenset({"for_llm_compressor", "cache_implementation"})  # Scout's config.json
 
     def __post_init__(self):
         """Check the per-layer lists cover every layer."""
@@ -106,14 +109,17 @@ class TextConfig(BaseConfig):
         """Head width: `head_dim` when given, else hidden_size / heads."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values)."""
+        return [2 * self.num_key_value_heads * self.dim_per_head] * self.num_hidden_layers
+
     @property
     def rope(self) -> tuple:
-        """(theta, scaling dict or None), from `rope_parameters` or the older fields."""
-        p = self.rope_parameters
-        if p:
-            kind = p.get("rope_type", p.get("type", "default"))
-            return p.get("rope_theta", self.rope_theta), (None if kind == "default" else p)
-        return self.rope_theta, self.rope_scaling
+        """(theta, scaling dict or None), from `rope_parameters` or the older fields,
+        read as transformers reads them (models/base.py, rope_settings)."""
+        theta, _, kind, p = rope_settings(self.rope_theta, None, self.rope_scaling,
+                                          self.rope_parameters)
+        return theta, (None if kind == "default" else p)
 
     def uses_rope(self, i: int) -> bool:
         """Whether global layer i applies RoPE (else it is a NoPE layer)."""
@@ -142,10 +148,29 @@ class ModelArgs(BaseConfig):
     model_type: str
     text_config: dict
 
-    def __post_init__(self):
-        """Parse the nested text config."""
-        if isinstance(self.text_config, dict):
-            self.text_config = TextConfig.from_dict(self.text_config)
+    # The image side (vision tower, image token ids) does not touch text generation.
+    INERT = frozenset({"vision_config", "boi_token_index", "eoi_token_index",
+                       "image_token_index", "boi_token_id", "eoi_token_id", "image_token_id"})
+    ASSUMED = {"tie_word_embeddings": (False,)}  # the text model's own flag is the one read
+
+    @classmethod
+    def config_warnings(cls, params: dict, where: str = "config.json") -> list:
+        """The top level's warnings, then text_config's."""
+        text = params.get("text_config")
+        return super().config_warnings(params, where) + (
+            TextConfig.config_warnings(text, f"{where} text_config")
+            if isinstance(text, dict) else [])
+
+    @classmethod
+    def from_dict(cls, params: dict, where: str = "config.json") -> "ModelArgs":
+        """The top level, then `text_config` as a TextConfig (errors name it)."""
+        args = super().from_dict(params, where)
+        args.text_config = TextConfig.from_dict(args.text_config, f"{where} text_config")
+        return args
+
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values)."""
+        return self.text_config.kv_values_per_token()
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> mx.array:
@@ -321,7 +346,8 @@ class LanguageModel(nn.Module):
     def __init__(self, args: TextConfig):
         super().__init__()
         self.model = TextModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
 
 class Model(nn.Module, PipelineMixin):
@@ -342,6 +368,10 @@ class Model(nn.Module, PipelineMixin):
     def hidden_width(self) -> int:
         """Width D of the hidden state (the text model's hidden_size)."""
         return self.text.hidden_size
+
+    def tied_embeddings(self) -> bool:
+        """Whether the LM head reads the embedding (text_config.tie_word_embeddings)."""
+        return bool(self.text.tie_word_embeddings)
 
     def make_caches(self) -> list:
         """Per owned layer: a ChunkedKVCache on chunked layers, a full KVCache on global ones."""
@@ -370,6 +400,8 @@ class Model(nn.Module, PipelineMixin):
         for name, w in weights.items():
             if name.startswith(DROPPED_PREFIXES) or "rotary_emb." in name:
                 continue
+            if self.tied_embeddings() and name == f"{self.LM_HEAD_PATH}.weight":
+                continue  # a copy of the embedding
             if name.endswith(EXPERTS + "gate_up_proj"):
                 prefix = name[: -len("gate_up_proj")]
                 gate, up = mx.split(w, 2, axis=-1)  # [E, D, I] each

@@ -132,6 +132,12 @@ class ModelArgs(BaseConfig):
     num_query_heads: Optional[list] = None  # per layer; derived when absent
     num_kv_heads: Optional[list] = None  # per layer; derived when absent
 
+    # HF's OpenELMConfig names the activation and the norm; only these are implemented.
+    ASSUMED = {"activation_fn_name": ("swish", "silu"), "normalization_layer_name": ("rms_norm",),
+               **BaseConfig.ASSUMED}
+    # The context it was trained for, and how far HF precomputes its RoPE tables.
+    INERT = frozenset({"max_context_length", "rope_max_length"})
+
     def __post_init__(self):
         """Derive the per-layer head counts and FFN widths (see the module docstring)."""
         n = self.num_transformer_layers
@@ -150,6 +156,11 @@ class ModelArgs(BaseConfig):
         for i, (hq, hkv) in enumerate(zip(self.num_query_heads, self.num_kv_heads)):
             if hkv <= 0 or hq % hkv:
                 raise ConfigError(f"openelm layer {i}: {hq} query heads cannot share {hkv} kv heads")
+
+    def kv_values_per_token(self) -> list:
+        """Per layer, the numbers one cached position holds (keys and values): the kv
+        head count varies with depth."""
+        return [2 * kv * self.head_dim for kv in self.num_kv_heads]
 
 
 class Attention(nn.Module):

@@ -63,6 +63,41 @@ def test_max_tokens_below_one(value):
 
 
 @pytest.mark.timeout(60)
+def test_empty_prompt_without_chat_template():
+    """'' with --no-chat-template tokenizes to nothing (the tiny tokenizer adds no BOS)."""
+    job = run_bad([*TINY, "--prompt", "", "--no-chat-template"])
+    mine, theirs = one_error(job, 0), one_error(job, 1)
+    for e in (mine, theirs):
+        assert "the prompt '' gives no tokens" in e and "--no-chat-template" in e, e
+        assert "non-empty --prompt" in e and "internal error" not in e
+    assert "rank 0 (" in theirs
+    assert set(job.exit_codes.values()) == {2}
+
+
+@pytest.mark.timeout(60)
+def test_prompt_that_is_not_utf8():
+    # A command line with the byte 0xff: Python hands it over as the surrogate U+DCFF.
+    job = run_bad([*TINY, "--prompt", "caf\udcff au lait"])
+    for r in (0, 1):
+        e = one_error(job, r)
+        assert "--prompt is not valid UTF-8" in e and "byte 0xff at position 3" in e, e
+        assert "'caf\\xff au lait'" in e and "UTF-8" in e.split(";")[-1], e
+        assert "cannot open its model" not in e
+    assert set(job.exit_codes.values()) == {2}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", ["inf", "nan", "64,inf"])
+def test_memory_limit_not_a_finite_number(value):
+    job = run_bad([*TINY, "--memory-limit", value])
+    for r in (0, 1):
+        e = one_error(job, r)
+        assert "--memory-limit" in e and f"got {value!r}" in e, e
+        assert "finite" in e and "e.g. 64 or 64,48" in e, e
+    assert set(job.exit_codes.values()) == {2}
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("extra,expected", [
     (["--synthetic", "tiny"], "--synthetic needs an architecture alias for --model"),
     ([], "is neither a folder, a Hub repo id (owner/name) nor an alias"),

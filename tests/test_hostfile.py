@@ -100,6 +100,22 @@ def test_check_bad_json_and_missing_file(tmp_path):
     assert c.returncode == 1 and "cannot read hostfile" in c.stdout
 
 
+@pytest.mark.parametrize("data", [
+    {"backend": "ring", "hosts": []},  # mlx.launch runs nothing and exits 0, silently
+    {"backend": "mpi", "hosts": []},
+    [],
+    {"hosts": None},
+])
+def test_check_refuses_a_hostfile_without_hosts(tmp_path, data):
+    hf = tmp_path / "empty.json"
+    hf.write_text(json.dumps(data))
+    c = tool("check", hf)
+    assert c.returncode == 1 and "Traceback" not in c.stderr, c.stdout + c.stderr
+    assert "\"hosts\" must be a non-empty list" in c.stdout and "one per rank" in c.stdout
+    report = tool("check", hf, "--json")
+    assert report.returncode == 1 and json.loads(report.stdout)["ok"] is False
+
+
 def fake_ssh(tmp_path, body):
     script = tmp_path / "fake-ssh"
     script.write_text(f"#!/bin/sh\n{body}\n")

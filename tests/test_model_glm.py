@@ -58,3 +58,30 @@ def test_cached_decode_equals_full_forward(tied):
     full = np.array(model(mx.array(tokens)))
     steps = stepwise_logits(model, tokens, first=30)
     assert np.abs(full[:, 29:] - steps).max() <= TOL
+
+
+def nested_rope(cfg, **rope):
+    """cfg as transformers 5 writes it: rope_theta and partial_rotary_factor only inside
+    rope_parameters."""
+    flat = {k: v for k, v in cfg.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return dict(flat, rope_parameters=dict(rope_type="default", **rope))
+
+
+def test_rope_parameters_form_matches_mlx_lm_on_the_flat_form():
+    mod = get_module("glm")
+    flat = dict(mod.PRESETS["tiny"], rope_theta=25000.0, partial_rotary_factor=1.0)
+    model = mod.Model(mod.ModelArgs.from_dict(
+        nested_rope(flat, rope_theta=25000.0, partial_rotary_factor=1.0)))
+    randomize(model, seed=3)
+    tokens = prompt_tokens(flat["vocab_size"], 48)
+    ref = mlxlm_logits(mlxlm_model(flat, our_weights(model)), tokens)
+    assert np.abs(np.array(model(mx.array(tokens))) - ref).max() <= TOL
+
+
+def test_rope_parameters_partial_rotary_matches_numpy_reference():
+    mod = get_module("glm")
+    cfg = nested_rope(mod.PRESETS["tiny"], rope_theta=25000.0, partial_rotary_factor=0.25)
+    attn = mod.Model(mod.ModelArgs.from_dict(cfg)).layers[0].self_attn
+    x = np.random.default_rng(0).standard_normal((1, 4, 7, 16)).astype(np.float32)
+    ours = np.array(attn.rope(mx.array(x), offset=5))
+    assert np.abs(ours - rope_interleaved_partial(x, 5, 4, 25000.0)).max() <= 1e-5

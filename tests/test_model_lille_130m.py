@@ -82,3 +82,59 @@ def test_sanitize_drops_rope_tables_and_tied_head():
     extra = {"transformer.layers.0.attention.rotary_emb.cos_cached": mx.zeros((4, 8)),
              "transformer.lm_head.weight": emb, "lm_head.weight": emb}
     assert set(model.sanitize(dict(weights, **extra))) == set(weights)
+
+
+def mlxlm_checkpoint(folder, cfg, seed=SEED):
+    """mlx-lm's Lille for `cfg` (its own MLP width rule: the nearest multiple of 256),
+    seeded, saved as a checkpoint folder whose config.json states no MLP width."""
+    import json
+
+    from mlx_lm.utils import _get_classes
+
+    from dist_runtime.synthetic import fill_model
+    from dist_runtime.writer import save_sharded, write_tokenizer
+
+    model_class, args_class = _get_classes(cfg)
+    ref = model_class(args_class.from_dict(cfg))
+    fill_model(ref, seed, layers_path="transformer.layers")
+    folder.mkdir(parents=True)
+    save_sharded(folder, dict(tree_flatten(ref.parameters())), shard_bytes=100_000)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    write_tokenizer(folder, cfg["vocab_size"])
+    return ref
+
+
+@pytest.mark.parametrize("n_embd", [128, 64])  # 128: mlx-lm's width 256, our rule's 512
+def test_mlp_width_comes_from_the_checkpoint_when_the_config_has_none(tmp_path, n_embd):
+    from dist_runtime.checkpoint import load_model
+
+    cfg = dict(mod.PRESETS["tiny"], n_embd=n_embd)
+    assert "intermediate_size" not in cfg
+    ref = mlxlm_checkpoint(tmp_path / "ckpt", cfg)
+    width = ref.layers[0].feed_forward.gate_proj.weight.shape[0]
+    assert (width != mod.ffn_width(n_embd)) == (n_embd == 128)
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.model.layers[0].feed_forward.gate_proj.weight.shape[0] == width
+    tokens = prompt_tokens(cfg["vocab_size"], 48)
+    ours = np.array(loaded.model(mx.array(tokens)))
+    assert np.abs(ours - mlxlm_logits(ref, tokens)).max() <= TOL
+    # a last stage reads the width from its own layers' shards
+    stage = load_model(tmp_path / "ckpt", range(2, 4), has_embed=False, has_head=True).model
+    assert stage.layers[3].feed_forward.down_proj.weight.shape[1] == width
+
+
+def test_a_stated_mlp_width_is_used():
+    args = mod.ModelArgs.from_dict(dict(mod.PRESETS["tiny"], n_embd=128, intermediate_size=256))
+    assert mod.Model(args).layers[0].feed_forward.up_proj.weight.shape == (256, 128)
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_with_the_other_rounding_runs_on_two_ranks(tmp_path):
+    from tests.launcher import launch
+
+    mlxlm_checkpoint(tmp_path / "ckpt", dict(mod.PRESETS["tiny"], n_embd=128))
+    args = ["--model", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max-tokens", "6",
+            "--ignore-eos", "--json"]
+    one, two = launch(1, args, timeout=60), launch(2, args, timeout=60)
+    assert one.summary and two.summary and not two.errors, two.stderr
+    assert two.finished == {0, 1} and two.summary["tokens"] == one.summary["tokens"]

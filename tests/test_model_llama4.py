@@ -327,3 +327,74 @@ def test_real_presets_layer_plan():
 def test_unknown_rope_type_is_refused():
     with pytest.raises(ConfigError, match="yarn"):
         mod.ModelArgs.from_dict(config(rope_scaling=dict(rope_type="yarn", factor=4.0)))
+
+
+def text_only_checkpoint(folder, cfg, weights):
+    """A plain Llama4ForCausalLM checkpoint (what transformers saves for the text model
+    alone): model_type llama4_text, the text fields at the top, `model.`/`lm_head.` names,
+    HF's fused expert tensors, no image tower."""
+    import json
+
+    from dist_runtime.writer import save_sharded, write_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = dict(cfg["text_config"], model_type="llama4_text",
+                architectures=["Llama4ForCausalLM"])
+    hf = {k.replace("language_model.", "", 1): v for k, v in to_hf_layout(weights).items()
+          if k.startswith("language_model.")}
+    assert any(k.startswith("model.layers.") for k in hf) and "lm_head.weight" in hf
+    save_sharded(folder, hf, shard_bytes=150_000)
+    (folder / "config.json").write_text(json.dumps(flat))
+    write_tokenizer(folder, flat["vocab_size"])
+    return folder
+
+
+def test_plain_text_checkpoint_llama4_text_loads_and_matches_mlx_lm(tmp_path):
+    from dist_runtime.checkpoint import load_model
+
+    cfg = config()
+    model = build(cfg)
+    folder = text_only_checkpoint(tmp_path / "text", cfg, our_weights(model))
+    loaded = load_model(folder)
+    assert loaded.config["model_type"] == "llama4_text"
+    tokens = prompt_tokens(cfg["text_config"]["vocab_size"], N_TOKENS)
+    ours = np.array(loaded.model(mx.array(tokens)))
+    ref = mlxlm_logits(mlxlm_model(cfg, our_weights(model)), tokens)  # the wrapped model
+    assert np.abs(ours - ref).max() <= TOL
+    # A stage of it reads only its own layers' tensors and keeps the global numbering.
+    stage = load_model(folder, range(3, 6), has_embed=False, has_head=True).model
+    assert [i for i, _ in stage.owned_layers()] == [3, 4, 5] and "embed_tokens" not in stage.model
+
+
+def test_tied_embeddings_read_the_embedding():
+    """text_config.tie_word_embeddings (transformers' Llama4TextConfig has it): the head
+    is the embedding, as an untied model whose lm_head holds the embedding computes."""
+    tied = build(config(tie_word_embeddings=True))
+    assert "lm_head" not in tied.language_model
+    untied = build(config())
+    weights = our_weights(tied)
+    weights["language_model.lm_head.weight"] = weights["language_model.model.embed_tokens.weight"]
+    untied.load_weights(list(weights.items()), strict=True)
+    tokens = mx.array(prompt_tokens(512, N_TOKENS))
+    assert np.abs(np.array(tied(tokens)) - np.array(untied(tokens))).max() == 0
+    assert "language_model.lm_head.weight" not in tied.sanitize(weights)
+
+
+@pytest.mark.timeout(120)
+def test_plain_text_checkpoint_runs_on_two_ranks_as_the_wrapped_one_on_one(tmp_path):
+    from dist_runtime.writer import write_checkpoint
+    from tests.launcher import launch
+
+    cfg = config()
+    wrapped = write_checkpoint(tmp_path / "wrapped", cfg, seed=5)
+    from dist_runtime.checkpoint import load_model
+
+    text = text_only_checkpoint(tmp_path / "text", cfg, our_weights(load_model(wrapped).model))
+    args = ["--prompt", "Hello there", "--max-tokens", "8", "--ignore-eos", "--json"]
+    env = {"PIPELINE_DUMP_LOGITS": "1"}
+    one = launch(1, ["--model", str(wrapped), *args], env=env, timeout=60)
+    two = launch(2, ["--model", str(text), *args], env=env, timeout=60)
+    assert one.summary and two.summary and not two.errors, two.stderr
+    assert two.finished == {0, 1} and two.summary["tokens"] == one.summary["tokens"]
+    a, b = np.array(two.summary["first_logits"]), np.array(one.summary["first_logits"])
+    assert np.abs(a - b).max() <= TOL

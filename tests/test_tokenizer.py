@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dist_runtime.checkpoint import load_config
+from dist_runtime.synthetic import preset_config
 from dist_runtime.tokenizer import REPLACEMENT, WINDOW, StreamingDetokenizer, Tokenizer
 from dist_runtime.writer import write_tokenizer
 
@@ -113,7 +114,8 @@ def test_no_chat_template_feeds_the_prompt_as_is(tmp_path):
 # ---------------------------------------------------------------- EOS ids
 
 def eos_ids(folder, config=None, generation=None):
-    cfg = dict(model_type="glm4_moe", **(config or {}))
+    cfg = {k: v for k, v in preset_config("glm4_moe", "tiny").items() if k != "eos_token_id"}
+    cfg.update(config or {})  # a whole config: load_config checks it
     (folder / "config.json").write_text(json.dumps(cfg))
     if generation is not None:
         (folder / "generation_config.json").write_text(json.dumps(generation))
@@ -147,3 +149,30 @@ def test_eos_from_both_files_and_tokenizer_config(tmp_path):
     eos_tok = Tokenizer(tmp_path).hf.token_to_id(eos_text)
     assert eos_ids(tmp_path, config={"eos_token_id": 5},
                    generation={"eos_token_id": [7, 9]}) == {5, 7, 9, eos_tok}
+
+
+def test_a_prompt_with_no_tokens_is_refused_unless_bos_is_added(tok_dir):
+    from dist_runtime.tokenizer import TokenizerError
+    from tokenizers import processors
+
+    tok = Tokenizer(tok_dir)
+    assert tok.prompt_ids("", chat=True)  # the chat template adds its own tokens
+    with pytest.raises(TokenizerError, match=r"the prompt '' gives no tokens as is"):
+        tok.prompt_ids("", chat=False)
+    bos = tok.hf.token_to_id("<s>")
+    tok.hf.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                          special_tokens=[("<s>", bos)])
+    assert tok.prompt_ids("", chat=False) == [bos]  # BOS alone: a prompt to start from
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("caf\udcff", "byte 0xff at position 3 of 'caf\\xff'"),
+    ("日本\udce6\udc97", "byte 0xe6 at position 6 of '日本\\xe6\\x97'"),
+    ("a\ud800b", "the lone surrogate U+D800 at position 1"),
+])
+def test_a_prompt_that_is_not_utf8_names_the_byte(tok, prompt, expected):
+    from dist_runtime.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError) as e:
+        tok.prompt_ids(prompt)
+    assert str(e.value).startswith("--prompt is not valid UTF-8: " + expected), str(e.value)
