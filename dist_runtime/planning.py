@@ -44,7 +44,7 @@ def parse_memory_limits(text: str) -> list:
             f"--memory-limit takes GB per rank, e.g. 64 or 64,48; got {text!r}")
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"--memory-limit values must be finite numbers of GB "
-                                         f"above 0, e.g. 64; got {text!r}")
+                                         f"above 0, e.g. 64 or 64,48; got {text!r}")
     return values
 
 

@@ -96,11 +96,11 @@ class Transport:
             payload = payload if header.batch else None  # no rows: the header says it all
         t = self.deadline(timeout)
         what = f"sending to {self.names[dst]} took over {t:.0f} s"
-        sent = mx.distributed.send(header.array(), dst, group=self.group)
-        if payload is not None:  # after the header (ordered in the graph), in one wait
-            sent = mx.distributed.send(mx.depends(payload, sent), dst, group=self.group)
-        with self._send_lock:  # one host sync a message
-            self.faults.wait(sent, what, t, peer=dst, receiving=False)
+        with self._send_lock:
+            for a in (header.array(), payload):
+                if a is not None:
+                    self.faults.wait(mx.distributed.send(a, dst, group=self.group), what, t,
+                                     peer=dst, receiving=False)
         if header.op == OP_FORWARD and header.flags & FLAG_RETURN and self.rank != 0:
             self.warm = True  # this stage has passed on the end of the first prompt
 

@@ -101,6 +101,8 @@ def batch_row(model, tokenizer, vocab: int, P: int, G: int, C: int) -> dict:
     row = {"impl": "mlx-lm batch", "prompt_len": P, "gen_len": G, "concurrency": C}
     prompts = [prompt_ids(vocab, P, i) for i in range(C)]
     try:
+        batch_generate(model, tokenizer, [prompt_ids(vocab, P, -2 - i) for i in range(C)],
+                       max_tokens=8)  # warm-up: this batch size's kernels compile now
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         resp = batch_generate(model, tokenizer, prompts, max_tokens=G)

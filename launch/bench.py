@@ -42,6 +42,9 @@ from launch.sweep import (format_row, points, ints, prompt_ids, sweep, vocab_siz
 
 
 
+WARM_BATCH_TOKENS = 8  # a warm-up of each batch size: its kernels compile on first use
+
+
 def parse_args(argv=None):
     """Command-line options."""
     p = RankParser(description=__doc__.split("\n")[0])
@@ -94,6 +97,9 @@ def run_ours(args, coord, config) -> list:
     P, G = warm_up_size(args)
     warm = [Request(prompt_ids(vocab, P, -1), G, Sampler(SamplingParams()))]
     coord.generate_many(warm)
+    for C in sorted({C for _, _, C in sweep(args) if C > 1}):  # batched shapes compile too
+        coord.generate_many([Request(prompt_ids(vocab, P, -2 - i), WARM_BATCH_TOKENS,
+                                     Sampler(SamplingParams())) for i in range(C)])
     rows = []
     for P, G, C in sweep(args):
         row = measure(coord, vocab, P, G, C)

@@ -390,10 +390,10 @@ def test_plain_text_checkpoint_runs_on_two_ranks_as_the_wrapped_one_on_one(tmp_p
     from dist_runtime.checkpoint import load_model
 
     text = text_only_checkpoint(tmp_path / "text", cfg, our_weights(load_model(wrapped).model))
-    args = ["--prompt", "Hello there", "--max-tokens", "8", "--ignore-eos", "--json"]
-    env = {"PIPELINE_DUMP_LOGITS": "1"}
-    one = launch(1, ["--model", str(wrapped), *args], env=env, timeout=60)
-    two = launch(2, ["--model", str(text), *args], env=env, timeout=60)
+    args = ["--prompt", "Hello there", "--max-tokens", "8", "--ignore-eos", "--json",
+            "--dump-logits"]
+    one = launch(1, ["--model", str(wrapped), *args], timeout=60)
+    two = launch(2, ["--model", str(text), *args], timeout=60)
     assert one.summary and two.summary and not two.errors, two.stderr
     assert two.finished == {0, 1} and two.summary["tokens"] == one.summary["tokens"]
     a, b = np.array(two.summary["first_logits"]), np.array(one.summary["first_logits"])

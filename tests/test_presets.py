@@ -16,7 +16,8 @@ from dist_runtime.cluster import HostInfo
 from dist_runtime.costs import kv_bytes_per_token
 from dist_runtime.hub import ALIASES
 from dist_runtime.partition import PlanError
-from dist_runtime.preflight import check_facts, open_model, plan_with_advice
+from dist_runtime.planning import make_plan
+from dist_runtime.preflight import check_facts, open_model
 from dist_runtime.synthetic import preset_config
 from models import get_module
 from tests.launcher import launch
@@ -56,10 +57,10 @@ def test_preset_opens_and_plans_on_one_and_two_ranks(alias, preset):
     for n in (1, 2):
         infos = hosts(n, 4 * need / GB + 1)
         check_facts(infos, [o.facts for o in opened[:n]], 0)
-        plan = plan_with_advice(costs, infos, 4096, None)
+        plan = make_plan(costs, infos, 4096, None)
         assert plan.ranges[0].start == 0 and plan.ranges[-1].stop == n_layers
         with pytest.raises(PlanError) as e:
-            plan_with_advice(costs, infos, 4096, None, limits=[need / GB / 1000])
+            make_plan(costs, infos, 4096, None, limits=[need / GB / 1000])
         assert "does not fit" in str(e.value) and "--memory-limit" in str(e.value)
 
 
@@ -85,9 +86,8 @@ def test_kv_bytes_follow_the_layers_key_and_value_widths(alias, preset):
 @pytest.mark.parametrize("alias", ARCHS)
 def test_tiny_preset_generates_on_one_and_two_ranks_alike(alias):
     args = ["--model", alias, "--synthetic", "tiny", "--prompt", "Hello there",
-            "--max-tokens", "6", "--ignore-eos", "--json"]
-    env = {"PIPELINE_DUMP_LOGITS": "1"}
-    one, two = launch(1, args, env=env, timeout=60), launch(2, args, env=env, timeout=60)
+            "--max-tokens", "6", "--ignore-eos", "--json", "--dump-logits"]
+    one, two = launch(1, args, timeout=60), launch(2, args, timeout=60)
     for job, n in ((one, 1), (two, 2)):
         assert job.summary is not None and not job.errors, job.stderr
         assert job.finished == set(range(n)) and job.summary["ranks"] == n
