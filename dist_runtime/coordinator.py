@@ -79,11 +79,11 @@ class Coordinator:
     """Rank 0's side of the ring (or the whole model when alone)."""
 
     def __init__(self, stage: Stage, transport=None, prefill_chunk: Optional[int] = None,
-                 max_batch: Optional[int] = None):
+                 max_batch: Optional[int] = None, micro_batches: Optional[int] = None):
         self.stage = stage
         self.transport = transport
         self.n = stage.n_stages
-        self.schedule = Schedule(self.n, max_batch, prefill_chunk)
+        self.schedule = Schedule(self.n, max_batch, prefill_chunk, micro_batches)
         self.live: dict = {}  # sequence id -> _Live
         self.steps: dict = {}  # micro-batch id -> its last _Step sent
         self._local = deque()  # one rank: results queued at send time

@@ -42,6 +42,7 @@ class Job:
     load_s: float
     first_timeout: float
     max_batch: int
+    micro_batches: Optional[int]
 
     @property
     def rank(self) -> int:
@@ -60,7 +61,8 @@ class Job:
 
     def coordinator(self, prefill_chunk: Optional[int] = None) -> Coordinator:
         """Rank 0's driver of the ring, decoding at most max_batch sequences at once."""
-        return Coordinator(self.stage, self.transport, prefill_chunk, self.max_batch)
+        return Coordinator(self.stage, self.transport, prefill_chunk, self.max_batch,
+                           self.micro_batches)
 
     def serve_stage(self):
         """Ranks 1..N-1: run the stage loop until the coordinator says stop."""
@@ -111,7 +113,7 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
         transport = Transport(group, model.hidden_width, model.activation_dtype(), faults,
                               args.timeout, args.first_timeout)
     return Job(group, infos, plan, stage, opened.source, opened, faults, transport, load_s,
-               args.first_timeout, args.max_batch)
+               args.first_timeout, args.max_batch, args.micro_batches)
 
 
 def report_stage(me: str, model, files: list, nbytes: int, load_s: float):

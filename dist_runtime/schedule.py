@@ -4,8 +4,9 @@ Decode is bound by reading weights: a step costs about the same for one sequence
 sixteen. So sequences that have their first token decode together, in micro-batches:
 one message carries a micro-batch's rows [B, 1, D], each row with its own cache and
 position. The schedule fills the ring three ways:
-- up to one micro-batch per stage, so while stage 2 steps micro-batch A, stage 1 steps
-  B: with as many micro-batches as stages and enough sequences, no stage waits;
+- up to one micro-batch per stage (by default), so while stage 2 steps micro-batch A,
+  stage 1 steps B: with as many micro-batches as stages and enough sequences, no stage
+  waits;
 - a prompt is cut into chunks that follow each other without waiting (only the last
   chunk's result comes back), so stage k runs chunk i while stage k+1 runs i-1;
 - prompt chunks go between decode steps (at most one chunk's worth of positions per
@@ -111,15 +112,18 @@ class Action:
 class Schedule:
     """Micro-batches for decoding sequences, chunks for prompts, in one id space.
 
-    n_stages: ring length, the most micro-batches; max_batch: the most sequences started
-    and not finished at once (None: no limit), the KV room the plan reserved.
+    n_stages: ring length; max_batch: the most sequences started and not finished at
+    once (None: no limit), the KV room the plan reserved; micro_batches: the most decoding
+    at once (default: one per stage, so every stage has work; ranks that share one device
+    gain nothing from more than one, which only splits the weight reads).
     """
 
     def __init__(self, n_stages: int, max_batch: Optional[int] = None,
-                 largest_chunk: Optional[int] = None):
+                 largest_chunk: Optional[int] = None, micro_batches: Optional[int] = None):
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.n_stages, self.max_batch, self.largest_chunk = n_stages, max_batch, largest_chunk
+        self.n_mbs = micro_batches or n_stages
         self.seqs: dict = {}  # id -> SeqState, in arrival order
         self.mbs: dict = {}  # id -> MicroBatch
         self.outstanding: deque = deque()  # ids whose results are on their way back
@@ -156,7 +160,7 @@ class Schedule:
                 kept = [r for r in mb.rows if not self.seqs[r].finished]
                 take = max(0, self._share(len(joiners)) - len(kept))
                 return Action(STEP, mb.id, rows=kept + joiners[:take])
-        if joiners and len(self.mbs) < self.n_stages:
+        if joiners and len(self.mbs) < self.n_mbs:
             return Action(STEP, self.new_id(), rows=joiners[:self._share(len(joiners))])
         prefill = self._next_prompt()
         if prefill is not None:
@@ -169,7 +173,7 @@ class Schedule:
     def _share(self, n_joiners: int) -> int:
         """Rows a micro-batch should hold: the decoding sequences spread evenly."""
         decoding = sum(len(mb.rows) for mb in self.mbs.values()) + n_joiners
-        return -(-decoding // self.n_stages)
+        return -(-decoding // self.n_mbs)
 
     def _next_prompt(self) -> Optional[SeqState]:
         """The sequence whose prompt chunk may go now, if any."""

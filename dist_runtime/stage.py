@@ -66,14 +66,18 @@ class Stage:
     def group(self, id: int, seqs: list):
         """Micro-batch `id` now holds rows `seqs`, in order: rows it held keep their
         caches, new rows bring their sequence's own, rows not listed are dropped. No rows
-        dissolves it."""
+        dissolves it. A batch of one row decodes with that sequence's own caches, as it
+        would alone: a batch cache buys nothing for one row."""
         old_seqs, old_caches = self.batches.pop(id, ([], []))
         if not seqs:
             return
         if seqs == old_seqs:
             self.batches[id] = (old_seqs, old_caches)
             return
-        old_rows = [c.rows() for c in old_caches]  # per layer, per old row
+        if len(seqs) == 1 and seqs[0] not in old_seqs and seqs[0] in self.caches:
+            self.batches[id] = (list(seqs), self.caches.pop(seqs[0]))
+            return
+        old_rows = [c.rows() if isinstance(c, BatchKVCache) else [c] for c in old_caches]
         layers = []
         for n in range(len(self.model.owned_layers())):
             rows = []

@@ -15,10 +15,12 @@ to --out and prints a table on rank 0.
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -35,7 +37,7 @@ from dist_runtime.coordinator import Coordinator, Request  # noqa: E402
 from dist_runtime.errors import fail  # noqa: E402
 from dist_runtime.job import start_job  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
-from launch.baseline import run_baseline  # noqa: E402
+from launch.baseline import Baseline  # noqa: E402
 from launch.options import RankParser, add_model_args, check_model_args  # noqa: E402
 from launch.sweep import (format_row, points, ints, prompt_ids, sweep, vocab_size,  # noqa: E402
                           warm_up_size)
@@ -55,8 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--points", type=points, help="explicit P:G:C triples instead of the sweep, "
                    "e.g. 4096:64:1,128:64:16")
     p.add_argument("--baseline", choices=["auto", "off", "only"], default="auto",
-                   help="run mlx-lm's pipeline mode too, where it is installed ('only': "
-                   "skip our runtime, e.g. when both would not fit in memory at once)")
+                   help="run mlx-lm too, where it is installed: on one rank in the same "
+                   "process on the same arrays, alternating with ours; across ranks its "
+                   "pipeline mode after ours ('only': skip our runtime)")
+    p.add_argument("--repeats", type=int, default=1, help="one rank: measure ours and "
+                   "mlx-lm alternately this many times; rows are medians")
     p.add_argument("--out", default="runs/bench", help="folder for JSON, CSV and PNG")
     p.add_argument("--label", default="", help="a note stored with every row")
     args = p.parse_args(argv)
@@ -91,27 +96,65 @@ def measure(coord: Coordinator, vocab: int, P: int, G: int, C: int) -> dict:
     }
 
 
-def run_ours(args, coord, config) -> list:
-    """Every sweep point, after one warm-up."""
-    vocab = vocab_size(config)
+def warm_up_ours(args, coord, vocab: int):
+    """One generation at the sweep's largest point, and one per batch size: mlx's kernels
+    compile on first use of each shape."""
     P, G = warm_up_size(args)
-    warm = [Request(prompt_ids(vocab, P, -1), G, Sampler(SamplingParams()))]
-    coord.generate_many(warm)
-    for C in sorted({C for _, _, C in sweep(args) if C > 1}):  # batched shapes compile too
+    coord.generate_many([Request(prompt_ids(vocab, P, -1), G, Sampler(SamplingParams()))])
+    for C in sorted({C for _, _, C in sweep(args) if C > 1}):
         coord.generate_many([Request(prompt_ids(vocab, P, -2 - i), WARM_BATCH_TOKENS,
                                      Sampler(SamplingParams())) for i in range(C)])
+
+
+def run_ours(args, coord, vocab: int) -> list:
+    """Every sweep point once."""
     rows = []
     for P, G, C in sweep(args):
-        row = measure(coord, vocab, P, G, C)
-        rows.append(row)
-        print(format_row(row), flush=True)
+        rows.append(measure(coord, vocab, P, G, C))
+        print(format_row(rows[-1]), flush=True)
     return rows
 
 
-def write_outputs(out: Path, rows: list, meta: dict):
-    """JSON (rows + meta), CSV, and a PNG of decode rates if matplotlib is there."""
+def medians(rows: list) -> list:
+    """One row per (implementation, point): the median of each rate over the repeats."""
+    groups: dict = {}
+    errors = [r for r in rows if "error" in r]
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["impl"], r["prompt_len"], r["gen_len"], r["concurrency"]),
+                              []).append(r)
+    out = []
+    for (impl, P, G, C), rs in groups.items():
+        m = dict(rs[0], repeats=len(rs))
+        for k in ("ttft_s", "prefill_tps", "decode_tps_per_seq", "decode_tps_aggregate",
+                  "e2e_tps", "wall_s"):
+            m[k] = float(np.median([r.get(k, 0.0) for r in rs]))
+        m["decode_tps_aggregate_runs"] = [round(r["decode_tps_aggregate"], 1) for r in rs]
+        out.append(m)
+    return out + [dict(t) for t in {tuple(sorted(e.items())) for e in errors}]
+
+
+def ratios(summary: list) -> list:
+    """Lines comparing ours with mlx-lm at each point both measured (medians)."""
+    ref = {(r["prompt_len"], r["gen_len"], r["concurrency"]): r for r in summary
+           if r["impl"].startswith("mlx-lm")}
+    lines = []
+    for r in summary:
+        other = ref.get((r["prompt_len"], r["gen_len"], r["concurrency"]))
+        if r["impl"] == "pipeline" and other:
+            lines.append(f"P={r['prompt_len']} G={r['gen_len']} C={r['concurrency']}: "
+                         f"decode {r['decode_tps_aggregate']:.1f} against {other['impl']} "
+                         f"{other['decode_tps_aggregate']:.1f} tok/s = "
+                         f"{r['decode_tps_aggregate'] / other['decode_tps_aggregate']:.2f}x")
+    return lines
+
+
+def write_outputs(out: Path, rows: list, meta: dict, runs: Optional[list] = None):
+    """JSON (rows + meta, and every run where rows are medians over repeats), CSV, and a
+    PNG of decode rates if matplotlib is there."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows,
+                                                  "runs": runs or rows}, indent=1))
     keys = sorted({k for r in rows for k in r})
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, keys)
@@ -163,33 +206,54 @@ def main(argv=None) -> int:
         job = start_job(args, life, argv)
     except Exception as e:  # noqa: BLE001  (one error line, the others told, then exit)
         fail(e, life)
-    rows = []
-    if job.rank == 0:
-        life.set("benchmarking")
-        coord = job.coordinator(args.prefill_chunk)  # --max-batch: the most at once
-        rows = run_ours(args, coord, job.config)
-        coord.stop()
-        del coord
-    else:
+    if job.rank != 0:
         job.serve_stage()
-    job.stage = None  # free our weights before the baseline loads its own
-    import gc
-
-    gc.collect()
-    mx.clear_cache()
-    if args.baseline != "off":
-        rows += run_baseline(args, job.source, job.group, job.config)
-    if job.rank == 0:
-        n = job.size
-        meta = {"ranks": n, "hosts": [i.host for i in job.infos], "mlx": mx.__version__,
-                "device": str(mx.default_device()), "model": args.model,
-                "synthetic": args.synthetic, "bits": args.bits, "dtype": args.dtype,
-                "plan": job.plan.describe(), "load_s": job.load_s, "label": args.label,
-                "title": f"{args.model} {args.synthetic or ''}"
-                         f"{f' {args.bits}-bit' if args.bits else ''}, {n} ranks, "
-                         f"mlx {mx.__version__}, {mx.default_device()}"}
-        write_outputs(Path(args.out), rows, meta)
-        print(f"wrote {args.out}/results.json, results.csv, results.png", flush=True)
+        job.stage = None  # free our weights before the baseline loads its own
+        if args.baseline != "off":  # mlx-lm's pipeline runs in lockstep on every rank
+            gc.collect()
+            mx.clear_cache()
+            base = Baseline(args, job.source, job.group, job.config)
+            base.warm_up(args)
+            base.rows([p for p in sweep(args) if p[2] == 1])
+        return 0
+    life.set("benchmarking")
+    vocab = vocab_size(job.config)
+    coord = job.coordinator(args.prefill_chunk)  # --max-batch: the most at once
+    warm_up_ours(args, coord, vocab)
+    side_by_side = job.size == 1 and args.baseline != "off"
+    baseline = (Baseline(args, job.source, job.group, job.config, share=job.stage.model)
+                if side_by_side else None)
+    if baseline is not None:
+        baseline.warm_up(args)
+    rows = []
+    for _ in range(args.repeats if side_by_side else 1):  # ours and mlx-lm, alternating
+        rows += run_ours(args, coord, vocab)
+        if baseline is not None:
+            rows += baseline.rows(sweep(args))
+    coord.stop()
+    if job.size > 1 and args.baseline != "off":
+        del coord
+        job.stage = None  # free our weights before the baseline loads its own
+        gc.collect()
+        mx.clear_cache()
+        base = Baseline(args, job.source, job.group, job.config)
+        base.warm_up(args)
+        rows += base.rows([p for p in sweep(args) if p[2] == 1])
+    summary = medians(rows)
+    for line in ratios(summary):
+        print(line, flush=True)
+    n = job.size
+    meta = {"ranks": n, "hosts": [i.host for i in job.infos], "mlx": mx.__version__,
+            "device": str(mx.default_device()), "model": args.model,
+            "synthetic": args.synthetic, "bits": args.bits, "dtype": args.dtype,
+            "plan": job.plan.describe(), "load_s": job.load_s, "label": args.label,
+            "repeats": args.repeats if side_by_side else 1,
+            "baseline_shares_our_arrays": bool(baseline and baseline.shared),
+            "title": f"{args.model} {args.synthetic or ''}"
+                     f"{f' {args.bits}-bit' if args.bits else ''}, {n} ranks, "
+                     f"mlx {mx.__version__}, {mx.default_device()}"}
+    write_outputs(Path(args.out), summary, meta, runs=rows)
+    print(f"wrote {args.out}/results.json, results.csv, results.png", flush=True)
     return 0
 
 
@@ -200,7 +264,9 @@ def baseline_only(args) -> int:
 
     group = init_group()
     source = Source(args.model, args.synthetic, args.synthetic_seed, args.dtype, args.bits)
-    rows = run_baseline(args, source, group, source.config)
+    base = Baseline(args, source, group, source.config)
+    base.warm_up(args)
+    rows = base.rows(sweep(args))
     if group.rank() == 0:
         write_outputs(Path(args.out), rows, {"ranks": group.size(), "mlx": mx.__version__,
                                              "device": str(mx.default_device()),

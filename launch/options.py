@@ -62,6 +62,10 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--max-batch", type=int, default=1,
                    help="sequences decoding at once (micro-batches through the ring); the "
                    "plan reserves KV room for this many times --max-kv-tokens")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="decoding sequences are stepped in this many groups through the "
+                   "ring (default: one per rank, so every rank has work; ranks sharing one "
+                   "GPU do better with 1)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help=f"most prompt positions per message (default {PREFILL_CHUNK} on one "
                    f"rank, {PIPELINE_CHUNK} across ranks; shorter prompts use smaller chunks)")
@@ -77,7 +81,7 @@ def add_model_args(p: argparse.ArgumentParser):
 
 def check_model_args(p: argparse.ArgumentParser, args):
     """The range checks argparse cannot express; p.error (exit 2) on the first failure."""
-    for name in ("prefill_chunk", "max_kv_tokens", "max_batch"):
+    for name in ("prefill_chunk", "max_kv_tokens", "max_batch", "micro_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("timeout", "first_timeout", "load_timeout"):

@@ -180,3 +180,12 @@ def test_chunk_size_follows_prompt_and_ring():
     assert chunk_size(300, 2) == MIN_CHUNK  # short prompt: never below the minimum
     assert chunk_size(1024, 2, largest=512) == 1024 // (4 * 2)  # 4 chunks per stage
     assert chunk_size(100, 3, largest=8) == 8  # a user's cap wins
+
+
+def test_micro_batches_option_groups_every_row_in_one():
+    sched = Schedule(2, None, None, micro_batches=1)
+    for _ in range(4):
+        sched.add(3, 6)
+    grid, _ = simulate(sched, n_stages=2)
+    assert "ABCDd" in {c for row in grid for c in row}
+    assert all(len(c) <= 5 for row in grid for c in row)
