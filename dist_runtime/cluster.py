@@ -1,11 +1,12 @@
 """Joining a job: the group, and each host's facts gathered on every rank.
 
-Every rank gathers every rank's host facts (name, available memory, versions) with one
-collective, then computes the plan itself (dist_runtime/planning.py): the plan is a pure
-function of those facts, so all ranks agree without another message. The same gather (`gather_json`)
-carries the preflight facts and the after-loading status (dist_runtime/preflight.py).
-Every collective here can take a Watchdog and a deadline, since a rank that never
-arrives would otherwise leave the others waiting forever.
+Every rank gathers every rank's host facts (name, available memory, versions, and on a
+Mac what Metal keeps resident: dist_runtime/metal.py) with one collective, then computes
+the plan itself (dist_runtime/planning.py): the plan is a pure function of those facts,
+so all ranks agree without another message. The same gather (`gather_json`) carries
+the preflight facts and the after-loading status (dist_runtime/preflight.py). Every
+collective here can take a Watchdog and a deadline, since a rank that never arrives
+would otherwise leave the others waiting forever.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 import psutil
 
+from dist_runtime import metal
 from dist_runtime.errors import StartError
 
 INFO_BYTES = 1024  # room for one rank's JSON facts in the gather
@@ -41,6 +43,11 @@ class HostInfo:
     mlx: str
     project: str
     python: str
+    # On Metal (dist_runtime/metal.py); the defaults mean "not a Metal rank".
+    metal: bool = False
+    memory: int = 0  # bytes of RAM
+    working_set: int = 0  # bytes Metal keeps resident (its recommended working set)
+    wired_limit_mb: int = -1  # iogpu.wired_limit_mb: 0 the macOS default, -1 unknown
 
     @property
     def name(self) -> str:
@@ -50,8 +57,10 @@ class HostInfo:
 
 def local_info(rank: int) -> HostInfo:
     """This process's facts."""
+    m = metal.device_facts()
     return HostInfo(rank, socket.gethostname(), available_memory(), mx.__version__,
-                    project_version(), sys.version.split()[0])
+                    project_version(), sys.version.split()[0], m.metal, m.memory,
+                    m.working_set, m.wired_limit_mb)
 
 
 def project_version() -> str:

@@ -26,7 +26,8 @@ WRITE_HINT = "python launch/hostfile.py write --hosts a,b --ips IP_A,IP_B -o hos
 
 @dataclass
 class Problem:
-    """One finding about a hostfile: 'error' stops a job, 'warning' may not."""
+    """One finding about a hostfile: 'error' stops a job, 'warning' may not, 'note' is for
+    information."""
 
     level: str
     message: str

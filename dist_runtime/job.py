@@ -3,8 +3,10 @@
 `start_job` is the one start path for run.py, bench.py, the server and the tests' jobs:
 join the group, gather every host's facts, open the model and agree on it
 (dist_runtime/preflight.py), plan (dist_runtime/planning.py), load this rank's layers,
-wait until every rank has loaded, and connect the ring. One Watchdog guards every wait
-of the rank, from the first connection to the last message (dist_runtime/faults.py).
+wait until every rank has loaded, keep them resident on a Mac (dist_runtime/metal.py:
+the GPU wired limit, given back by `Job.close`, at exit, and on the error exit), and
+connect the ring. One Watchdog guards every wait of the rank, from the first
+connection to the last message (dist_runtime/faults.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dist_runtime.coordinator import Coordinator
 from dist_runtime.faults import EXIT_PEER_LOST, Faults, Watchdog
 from dist_runtime.hostfiles import check_start_env
 from dist_runtime.partition import Plan
-from dist_runtime.planning import make_plan
+from dist_runtime.metal import Wiring, wire_stage
+from dist_runtime.planning import fmt_bytes, make_plan, wired_limit
 from dist_runtime.stage import Stage, stage_loop
 from dist_runtime.transport import Transport
 
@@ -43,6 +46,12 @@ class Job:
     first_timeout: float
     max_batch: int
     micro_batches: Optional[int]
+    wiring: Optional[Wiring] = None  # on Metal: the stage's weights kept resident
+
+    def close(self):
+        """Give back the GPU wired limit (on Metal; idempotent). The job's normal end."""
+        if self.wiring is not None:
+            self.wiring.release()
 
     @property
     def rank(self) -> int:
@@ -105,6 +114,12 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
         model, _config, files, nbytes = loaded
         report_stage(me, model, files, nbytes, load_s)
     preflight.ready_barrier(group, infos, rank, error, watchdog, args.load_timeout)
+    wiring = wire_stage(wired_limit(opened.costs, plan.ranges, rank, infos[rank],
+                                    args.max_kv_tokens, args.max_batch), life, me)
+    if wiring is not None:
+        print(f"[{me}] keeps {fmt_bytes(wiring.nbytes)} resident for its weights and KV room "
+              f"(GPU wired limit; Metal keeps at most {fmt_bytes(infos[rank].working_set)})",
+              file=sys.stderr, flush=True)
     stage = Stage(model, rank, n)
     faults = Faults(rank, n, [i.name for i in infos], watchdog, life, args.timeout)
     life.faults = faults
@@ -113,7 +128,7 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
         transport = Transport(group, model.hidden_width, model.activation_dtype(), faults,
                               args.timeout, args.first_timeout)
     return Job(group, infos, plan, stage, opened.source, opened, faults, transport, load_s,
-               args.first_timeout, args.max_batch, args.micro_batches)
+               args.first_timeout, args.max_batch, args.micro_batches, wiring)
 
 
 def report_stage(me: str, model, files: list, nbytes: int, load_s: float):

@@ -62,6 +62,8 @@ class Lifecycle:
         self.doing = "starting"
         # Coordinator: print what was generated; called with the finish reason.
         self.on_stop: Optional[Callable[[str], None]] = None
+        # Run last before an exit for an error, e.g. give back the wired limit (metal.py).
+        self.cleanups: list = []
         self._faults = None  # weakref to the Faults: who failed, how to tell others
         self.exiting = False
         self._exit_lock = threading.Lock()
@@ -92,7 +94,8 @@ class Lifecycle:
         self._exit_lock.acquire()
         self.exiting = True
         print(f"[{self.me}] error: {message}", file=sys.stderr, flush=True)
-        for step in (then, (lambda: self.on_stop(reason or "error")) if self.on_stop else None):
+        for step in (then, (lambda: self.on_stop(reason or "error")) if self.on_stop else None,
+                     *self.cleanups):
             if step is None:
                 continue
             try:

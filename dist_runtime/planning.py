@@ -1,12 +1,15 @@
 """Planning: which layers each rank holds, checked against what each host can use.
 
 The one owner of the plan's rules. Budgets come from each host's available memory
-(gathered at start, dist_runtime/cluster.py) and `--memory-limit`; KV room for
-`--max-kv-tokens` counts against them; rank 0 also pays for the embedding and head.
-A `--split` is validated here (one count per rank, each at least 1, adding up to the
-layers, fitting every host); otherwise the partition (dist_runtime/partition.py, a pure
-function) finds the fastest plan that fits. Every refusal names the host, the numbers
-and a fix: a --split that fits, a --max-kv-tokens that fits, or what is missing.
+(gathered at start, dist_runtime/cluster.py), on a Mac also from what Metal keeps
+resident (its recommended working set, dist_runtime/metal.py), and `--memory-limit`; KV
+room for `--max-kv-tokens` counts against them; rank 0 also pays for the embedding and
+head. A `--split` is validated here (one count per rank, each at least 1, adding up to
+the layers, fitting every host); otherwise the partition (dist_runtime/partition.py, a
+pure function) finds the fastest plan that fits. Every refusal names the host, the
+numbers and a fix: a raised GPU wired limit (the sysctl per Mac), a --split that fits, a
+--max-kv-tokens that fits, or what is missing. How much each Metal rank wires for its
+stage (`wired_limit`) is decided here too, from the same numbers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ from typing import Optional
 from dist_runtime.partition import Plan, PlanError, plan_layers, ranges_from_counts
 
 MEMORY_FRACTION = 0.85  # of available memory a rank may plan to fill (OS, activations)
+# Of what Metal keeps resident, the share a rank may plan to fill: its stage's weights and
+# KV room are wired there (`wired_limit`); the rest is for activations.
+WORKING_SET_FRACTION = 0.9
+MiB, GiB = 2**20, 2**30
+# A raised GPU wired limit leaves macOS at least this much RAM, or this share, the larger.
+WIRED_RESERVE = 8 * GiB
+WIRED_RESERVE_FRACTION = 0.1
+WIRED_LIMIT_SYSCTL = "iogpu.wired_limit_mb"
 
 
 
@@ -48,23 +59,116 @@ def parse_memory_limits(text: str) -> list:
     return values
 
 
-def budgets_for(infos: list, limits: Optional[list] = None) -> tuple:
-    """(bytes each rank may plan to fill, why) from available memory and --memory-limit."""
+def percent(fraction: float) -> str:
+    """0.85 -> '85%'."""
+    return f"{round(fraction * 100)}%"
+
+
+def _budget(info, cap: Optional[int], working_set: int) -> tuple:
+    """(bytes one rank may plan to fill, why): MEMORY_FRACTION of its available RAM; on
+    Metal at most WORKING_SET_FRACTION of what Metal keeps resident (`working_set`); at
+    most its --memory-limit (`cap`)."""
+    b = int(info.available * MEMORY_FRACTION)
+    w = f"{percent(MEMORY_FRACTION)} of its {fmt_bytes(info.available)} available"
+    if info.metal and working_set and int(working_set * WORKING_SET_FRACTION) < b:
+        b = int(working_set * WORKING_SET_FRACTION)
+        w = (f"{percent(WORKING_SET_FRACTION)} of the {fmt_bytes(working_set)} that Metal keeps "
+             f"resident, its GPU wired limit; {fmt_bytes(info.available)} of RAM available")
+    if cap is not None and cap < b:
+        b, w = cap, f"its --memory-limit {cap / 1e9:g} GB"
+    return b, w
+
+
+def max_wired_limit(info) -> int:
+    """The largest GPU wired limit this project advises for a Mac (bytes, whole MiB): its
+    RAM less WIRED_RESERVE or WIRED_RESERVE_FRACTION of it, the larger; 0 off Metal."""
+    if not info.metal or not info.memory:
+        return 0
+    keep = max(WIRED_RESERVE, int(info.memory * WIRED_RESERVE_FRACTION))
+    return max(0, (info.memory - keep) // MiB * MiB)
+
+
+def budgets_for(infos: list, limits: Optional[list] = None, raised: bool = False) -> tuple:
+    """(bytes each rank may plan to fill, why) from available memory, what Metal keeps
+    resident and --memory-limit. `raised`: as if each Mac's GPU wired limit were raised to
+    `max_wired_limit` (for the advice)."""
     n = len(infos)
     if limits is not None and len(limits) not in (1, n):
         raise PlanError(f"--memory-limit has {len(limits)} values but the job has {n} ranks; "
                         f"give one value for all, or one per rank")
     budgets, why = [], []
     for r, info in enumerate(infos):
-        b = int(info.available * MEMORY_FRACTION)
-        w = f"{int(MEMORY_FRACTION * 100)}% of its {fmt_bytes(info.available)} available"
-        if limits is not None:
-            cap = int(limits[0 if len(limits) == 1 else r] * 1e9)
-            if cap < b:
-                b, w = cap, f"its --memory-limit {cap / 1e9:g} GB"
+        cap = None if limits is None else int(limits[0 if len(limits) == 1 else r] * 1e9)
+        ws = max(info.working_set, max_wired_limit(info)) if raised else info.working_set
+        b, w = _budget(info, cap, ws)
         budgets.append(b)
         why.append(w)
     return budgets, why
+
+
+def stage_bytes(costs, rng: range, rank: int, kv: list) -> int:
+    """A stage's memory: its layers' weights and KV room (`kv`: bytes per layer), and on
+    rank 0 the embedding and head."""
+    return sum(costs.weight[i] + kv[i] for i in rng) + (costs.head if rank == 0 else 0)
+
+
+def kv_room_bytes(costs, max_kv_tokens: int, max_batch: int = 1) -> list:
+    """Per layer, the KV room reserved for max_batch sequences of max_kv_tokens each."""
+    return [k * max_kv_tokens * max_batch for k in costs.kv_per_token]
+
+
+def wired_limit(costs, ranges: list, rank: int, info, max_kv_tokens: int,
+                max_batch: int = 1) -> Optional[int]:
+    """Bytes this rank keeps resident for the job (dist_runtime/metal.py wires them): its
+    stage's weights and KV room; None off Metal (nothing is wired there). Never above
+    what Metal keeps resident, as mlx refuses more; the plan kept it within its budget."""
+    if not info.metal or not info.working_set:
+        return None
+    need = stage_bytes(costs, ranges[rank], rank, kv_room_bytes(costs, max_kv_tokens,
+                                                                max_batch))
+    return min(need, info.working_set)
+
+
+def wired_limit_mb_for(need: int) -> int:
+    """The iogpu.wired_limit_mb with which a Mac's budget holds `need` bytes, rounded up to
+    whole GiB (in MiB, the sysctl's unit)."""
+    mb = math.ceil(need / WORKING_SET_FRACTION / MiB)
+    return -(-mb // 1024) * 1024
+
+
+def _wired_now(info) -> str:
+    if info.wired_limit_mb == 0:
+        return f"{WIRED_LIMIT_SYSCTL} is 0, the macOS default"
+    if info.wired_limit_mb > 0:
+        return f"{WIRED_LIMIT_SYSCTL} is {info.wired_limit_mb}"
+    return f"{WIRED_LIMIT_SYSCTL} unknown"
+
+
+def _wired_advice(costs, infos: list, limits: Optional[list], kv: list,
+                  ranges: Optional[list] = None) -> str:
+    """When `ranges` (else the plan by memory) fit only once some Mac's GPU may keep more
+    resident: 'raise the GPU wired limit ...' with the sysctl and value per host; else ''."""
+    budgets, _ = budgets_for(infos, limits)
+    raised, _ = budgets_for(infos, limits, raised=True)
+    if raised == budgets:
+        return ""
+    if ranges is None:
+        plan = _auto(costs, raised, kv, [i.name for i in infos])
+        if plan is None:
+            return ""
+        ranges = plan.ranges
+    needs = [stage_bytes(costs, rng, r, kv) for r, rng in enumerate(ranges)]
+    if any(need > b for need, b in zip(needs, raised)):
+        return ""
+    steps = []
+    for info, need, b in zip(infos, needs, budgets):
+        if need > b:
+            mb = min(wired_limit_mb_for(need), max_wired_limit(info) // MiB)
+            steps.append(f"sudo sysctl {WIRED_LIMIT_SYSCTL}={mb} on {info.name}, where Metal "
+                         f"keeps {fmt_bytes(info.working_set)} resident now "
+                         f"({_wired_now(info)})")
+    return (f"raise the GPU wired limit, and it fits: {', and '.join(steps)} (it lasts until "
+            f"the next restart; see 'Your cluster' in the README)")
 
 
 def _auto(costs, budgets, kv, names) -> Optional[Plan]:
@@ -130,7 +234,7 @@ def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
     names = [i.name for i in infos]
     n, n_layers = len(infos), len(costs.weight)
     budgets, why = budgets_for(infos, limits)
-    kv = [k * max_kv_tokens * max_batch for k in costs.kv_per_token]
+    kv = kv_room_bytes(costs, max_kv_tokens, max_batch)
     if n > n_layers:
         raise PlanError(f"the job has {n} ranks but the model has only {n_layers} layers, and "
                         f"every rank needs at least one; list at most {n_layers} hosts in "
@@ -143,6 +247,9 @@ def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
                f"e.g. --split {counts_text(even_split(n_layers, n))}, though no split fits "
                f"the hosts' memory: " + _no_fit_fixes(costs, budgets, names, max_kv_tokens,
                                                       need_all, max_batch))
+        if len(split) == n and min(split) > 0 and sum(split) == n_layers:
+            wired = _wired_advice(costs, infos, limits, kv, ranges_from_counts(split))
+            fix = f"{wired}; or {fix}" if wired else fix
         return _checked_split(list(split), costs, kv, budgets, why, names,
                               kv_room(max_kv_tokens, max_batch), fix)
     if auto is not None:
@@ -155,7 +262,9 @@ def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
         f"{fmt_bytes(max(w + k for w, k in zip(costs.weight, kv)))}, and rank 0 also holds "
         f"{fmt_bytes(costs.head)} of embedding and head), and no contiguous split keeps every "
         f"host within its memory: {hosts}. Fix: "
-        + _no_fit_fixes(costs, budgets, names, max_kv_tokens, need_all, max_batch))
+        + "; or ".join(f for f in (_wired_advice(costs, infos, limits, kv),
+                                   _no_fit_fixes(costs, budgets, names, max_kv_tokens,
+                                                 need_all, max_batch)) if f))
 
 
 def _checked_split(split: list, costs, kv: list, budgets: list, why: list, names: list,
@@ -178,7 +287,7 @@ def _checked_split(split: list, costs, kv: list, budgets: list, why: list, names
         w = sum(costs.weight[i] for i in rng)
         k = sum(kv[i] for i in rng)
         head = costs.head if r == 0 else 0
-        if w + k + head > budgets[r]:
+        if stage_bytes(costs, rng, r, kv) > budgets[r]:
             parts = f"{fmt_bytes(w)} of weights + {fmt_bytes(k)} of KV room for {room}"
             if head:
                 parts += f" + {fmt_bytes(head)} of embedding and head"

@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     if job.rank != 0:
         job.serve_stage()
         job.stage = None  # free our weights before the baseline loads its own
+        job.close()  # and give back their wired memory (Metal)
         if args.baseline != "off":  # mlx-lm's pipeline runs in lockstep on every rank
             gc.collect()
             mx.clear_cache()
@@ -234,6 +235,7 @@ def main(argv=None) -> int:
     if job.size > 1 and args.baseline != "off":
         del coord
         job.stage = None  # free our weights before the baseline loads its own
+        job.close()  # and give back their wired memory (Metal)
         gc.collect()
         mx.clear_cache()
         base = Baseline(args, job.source, job.group, job.config)
@@ -254,6 +256,7 @@ def main(argv=None) -> int:
                      f"mlx {mx.__version__}, {mx.default_device()}"}
     write_outputs(Path(args.out), summary, meta, runs=rows)
     print(f"wrote {args.out}/results.json, results.csv, results.png", flush=True)
+    job.close()
     return 0
 
 

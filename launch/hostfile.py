@@ -11,7 +11,10 @@ every host, over ssh or locally for 127.0.0.1/localhost, with a deadline per hos
 runs a small Python snippet there: free and total memory, mlx version (and whether it
 imports), Python version, the host's own addresses (is the hostfile's IP really there?)
 and whether this project is at the same path (mlx.launch runs the same path on every
-host). Exit status 0 when nothing is wrong, 1 otherwise.
+host). On a Mac also the chip, macOS version, RAM, what Metal keeps resident (its
+recommended working set) and the GPU wired limit (`iogpu.wired_limit_mb`), with a
+warning where macOS is too old for the hostfile's backend (jaccl needs 26.2) or to keep
+weights resident (15). Exit status 0 when nothing is wrong, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from dist_runtime.hostfiles import (LOCAL_HOSTS, Problem, check_hostfile_data,  
 from dist_runtime.planning import fmt_bytes  # noqa: E402
 
 HOST_TIMEOUT = 20.0  # s per host: ssh, start Python, import mlx
+GIB, MIB = 2**30, 2**20
+# mlx's jaccl backends run on RDMA over Thunderbolt 5, which macOS has from 26.2 (Apple's
+# TN3205); mx.set_wired_limit keeps buffers resident from macOS 15 (its docs).
+RDMA_BACKENDS = ("jaccl", "jaccl-ring")
+RDMA_MACOS = (26, 2)
+WIRED_MACOS = (15, 0)
 
 # Runs on each host: `python -c SNIPPET PROJECT_ROOT`; prints one JSON line.
 SNIPPET = r"""
@@ -53,8 +62,25 @@ except Exception as e:
 try:
     import mlx.core as mx
     out["mlx"] = mx.__version__
+    if mx.metal.is_available():
+        d = (getattr(mx, "device_info", None) or mx.metal.device_info)()
+        out["gpu"] = d.get("device_name", "")
+        out["working_set"] = d.get("max_recommended_working_set_size")
 except Exception as e:
     out["mlx_error"] = f"{type(e).__name__}: {e}"
+if platform.system() == "Darwin":
+    import subprocess
+    def sysctl(name):
+        try:
+            p = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True,
+                               timeout=5, stdin=subprocess.DEVNULL)
+        except Exception:
+            return ""
+        return p.stdout.strip() if p.returncode == 0 else ""
+    out["macos"] = platform.mac_ver()[0]
+    out["chip"] = sysctl("machdep.cpu.brand_string")
+    out["ram"] = sysctl("hw.memsize")
+    out["wired_limit_mb"] = sysctl("iogpu.wired_limit_mb")
 root = sys.argv[1] if len(sys.argv) > 1 else ""
 out["project"] = bool(root) and os.path.isfile(os.path.join(root, "launch", "run.py"))
 print(json.dumps(out))
@@ -119,9 +145,79 @@ def probe(ssh_host: str, python: str, ssh: str, timeout: float) -> dict:
     return {"ok": True, "facts": json.loads(lines[-1])}
 
 
+def macos_version(text) -> tuple:
+    """'15.3.1' -> (15, 3, 1); () when unknown."""
+    parts = str(text or "").split(".")
+    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else ()
+
+
+def mac_facts(f: dict):
+    """A Mac's facts from SNIPPET's output: chip, macOS, RAM, what Metal keeps resident and
+    the GPU wired limit (None where unknown); None for a host that is no Mac."""
+    if "macos" not in f:
+        return None
+
+    def num(v):
+        return int(v) if isinstance(v, int) or (isinstance(v, str) and v.isdigit()) else None
+
+    return {"chip": f.get("chip") or f.get("gpu") or None, "macos": f.get("macos") or None,
+            "ram": num(f.get("ram")) or num(f.get("total")),
+            "working_set": num(f.get("working_set")),
+            "wired_limit_mb": num(f.get("wired_limit_mb"))}
+
+
+def describe_mac(m: dict) -> str:
+    """'Apple M2 Ultra, macOS 15.3.1, 206.16 GB (192 GiB) RAM; Metal keeps ... resident;
+    ...' for the report."""
+    parts = [m["chip"] or "unknown chip", f"macOS {m['macos'] or 'unknown'}"]
+    ram = m["ram"]
+    parts.append(f"{fmt_bytes(ram)} ({ram / GIB:.0f} GiB) RAM" if ram else "RAM unknown")
+    text = ", ".join(parts)
+    ws = m["working_set"]
+    if ws:
+        share = f", {ws / ram:.0%} of RAM" if ram else ""
+        text += (f"; Metal keeps up to {fmt_bytes(ws)} ({ws // MIB} MiB{share}) resident "
+                 f"(recommended working set)")
+    else:
+        text += "; Metal's recommended working set unknown (mlx not on Metal)"
+    mb = m["wired_limit_mb"]
+    text += ("; GPU wired limit: iogpu.wired_limit_mb=0, the macOS default" if mb == 0 else
+             f"; GPU wired limit: iogpu.wired_limit_mb={mb}" if mb is not None else
+             "; GPU wired limit unknown (no iogpu.wired_limit_mb)")
+    return text
+
+
+def mac_problems(label: str, m: dict, backend: str) -> list:
+    """What a Mac's macOS means for this hostfile: a warning below 26.2 with a jaccl
+    backend (RDMA), a note below 26.2 otherwise, a warning below 15 (nothing is wired)."""
+    v = macos_version(m["macos"])
+    if not v:
+        return []
+    out = []
+    if v < RDMA_MACOS:
+        need = ".".join(map(str, RDMA_MACOS))
+        if backend in RDMA_BACKENDS:
+            out.append(Problem("warning", f"{label} runs macOS {m['macos']}, but the hostfile's "
+                                          f"{backend} backend needs RDMA over Thunderbolt 5, "
+                                          f"which macOS has from {need} (on Macs with "
+                                          f"Thunderbolt 5): update macOS there, or use the "
+                                          f"ring backend"))
+        else:
+            out.append(Problem("note", f"{label} runs macOS {m['macos']}: mlx's RDMA backends "
+                                       f"(jaccl, jaccl-ring) would need macOS {need} or newer; "
+                                       f"the {backend} backend works"))
+    if v < WIRED_MACOS:
+        out.append(Problem("warning", f"{label} runs macOS {m['macos']}: before macOS 15 mlx "
+                                      f"cannot keep a stage's weights resident (no Metal "
+                                      f"residency sets), so they may page out and decode "
+                                      f"slower; update macOS there"))
+    return out
+
+
 def check_hosts(data: dict, python: str, ssh: str, timeout: float) -> tuple:
     """({ssh name: probe result}, problems) for every distinct host of a parsed hostfile."""
     hosts = data["hosts"] if isinstance(data, dict) else data
+    backend = (data.get("backend") if isinstance(data, dict) else None) or "ring"
     ranks: dict = {}
     for i, h in enumerate(hosts):
         if isinstance(h, dict) and isinstance(h.get("ssh"), str) and h["ssh"].strip():
@@ -146,6 +242,10 @@ def check_hosts(data: dict, python: str, ssh: str, timeout: float) -> tuple:
             problems.append(Problem("error", f"{label}: {res['error']}"))
             continue
         f = res["facts"]
+        mac = mac_facts(f)
+        if mac is not None:
+            res["mac"] = mac
+            problems += mac_problems(label, mac, backend)
         if "mlx_error" in f:
             problems.append(Problem("error", f"{label}: mlx does not import ({f['mlx_error']}); "
                                              f"pip install mlx (on Linux: pip install "
@@ -187,8 +287,10 @@ def describe_host(name: str, ranks: list, res: dict) -> str:
     f = res["facts"]
     mem = (f"{fmt_bytes(f['available'])} free of {fmt_bytes(f['total'])}" if "available" in f
            else f"{fmt_bytes(f['total'])} total" if "total" in f else "memory unknown")
-    return (f"{label} ({f['hostname']}): {mem}, mlx {f.get('mlx', 'missing')}, "
+    line = (f"{label} ({f['hostname']}): {mem}, mlx {f.get('mlx', 'missing')}, "
             f"Python {f['python']}, {f['platform']}")
+    mac = res.get("mac") or mac_facts(f)
+    return line + (f"\n    {describe_mac(mac)}" if mac is not None else "")
 
 
 def cmd_write(args) -> int:

@@ -151,10 +151,12 @@ def main(argv=None) -> int:
         if job.rank != 0:
             life.set("serving as a stage")
             job.serve_stage()
+            job.close()
             print(f"[{life.me}] finished", file=sys.stderr, flush=True)
             return 0
         life.set("generating")
         res, text, n_prompt, peaks = run_coordinator(args, life, job)
+        job.close()  # the GPU wired limit back (on a Mac); errors: Lifecycle's cleanups
     except Exception as e:  # noqa: BLE001  (one error line, the others told, then exit)
         fail(e, life, job.faults if job is not None else None)
     if args.json:

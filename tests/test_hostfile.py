@@ -154,3 +154,101 @@ def test_check_finds_an_ip_the_host_does_not_have(tmp_path):
     c = tool("check", hf)
     assert c.returncode == 1
     assert "the hostfile gives it IP 192.0.2.77, but its interfaces have" in c.stdout
+
+
+# -- Macs: chip, macOS, RAM, what Metal keeps resident, the GPU wired limit ------------------
+# No Mac here: a stand-in for ssh answers with what SNIPPET prints on one (its Darwin
+# branch is run below with a stand-in for sysctl), so the parsing and report are real.
+
+def mac_output(host, ip, macos="15.3.1", chip="Apple M2 Ultra", ram_gib=192, wired="0"):
+    gib = 2**30
+    return {"hostname": host, "python": ".".join(map(str, sys.version_info[:3])),
+            "platform": f"macOS-{macos}-arm64-arm-64bit", "available": int(0.9 * ram_gib * gib),
+            "total": ram_gib * gib, "addresses": ["127.0.0.1", ip], "mlx": mx.__version__,
+            "gpu": chip, "project": True,  # a raised wired limit raises the working set:
+            "working_set": int(wired) * 2**20 if int(wired) else ram_gib * gib * 3 // 4,
+            "macos": macos, "chip": chip, "ram": str(ram_gib * gib), "wired_limit_mb": wired}
+
+
+def macs_hostfile(tmp_path, backend, outputs):
+    """A hostfile of Macs, and an ssh stand-in that prints each one's SNIPPET output."""
+    hf = tmp_path / "macs.json"
+    hf.write_text(json.dumps({"backend": backend, "hosts": [
+        {"ssh": o["hostname"], "ips": [o["addresses"][1]]} for o in outputs]}))
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps({o["hostname"]: o for o in outputs}))
+    script = tmp_path / "mac-ssh"
+    script.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                      f"host = sys.argv[-2]  # ssh [options] HOST COMMAND\n"
+                      f"print(json.dumps(json.load(open({str(answers)!r}))[host]))\n")
+    script.chmod(0o755)
+    return hf, str(script)
+
+
+@pytest.mark.timeout(60)
+def test_check_reports_each_macs_chip_macos_ram_working_set_and_wired_limit(tmp_path):
+    hf, ssh = macs_hostfile(tmp_path, "ring", [
+        mac_output("studio1", "192.168.100.1"),
+        mac_output("mbp", "192.168.100.2", macos="26.2", chip="Apple M4 Max", ram_gib=128,
+                   wired="110000")])
+    c = tool("check", hf, "--ssh", ssh)
+    assert c.returncode == 0, c.stdout + c.stderr
+    assert ("    Apple M2 Ultra, macOS 15.3.1, 206.16 GB (192 GiB) RAM; Metal keeps up to "
+            "154.62 GB (147456 MiB, 75% of RAM) resident (recommended working set); GPU wired "
+            "limit: iogpu.wired_limit_mb=0, the macOS default") in c.stdout
+    assert ("    Apple M4 Max, macOS 26.2, 137.44 GB (128 GiB) RAM; Metal keeps up to "
+            "115.34 GB (110000 MiB, 84% of RAM) resident (recommended working set); GPU wired "
+            "limit: iogpu.wired_limit_mb=110000") in c.stdout
+    # ring: an old macOS is only a note; macOS 26.2 none
+    assert ("note: host 0 (studio1) runs macOS 15.3.1: mlx's RDMA backends (jaccl, jaccl-ring) "
+            "would need macOS 26.2 or newer; the ring backend works") in c.stdout
+    assert "host 1 (mbp) runs" not in c.stdout and "warning" not in c.stdout
+    report = json.loads(tool("check", hf, "--ssh", ssh, "--json").stdout)
+    assert report["hosts"]["mbp"]["mac"] == {
+        "chip": "Apple M4 Max", "macos": "26.2", "ram": 128 * 2**30,
+        "working_set": 110000 * 2**20, "wired_limit_mb": 110000}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["jaccl", "jaccl-ring"])
+def test_check_warns_where_macos_is_too_old_for_rdma(tmp_path, backend):
+    hf, ssh = macs_hostfile(tmp_path, backend, [
+        mac_output("studio1", "192.168.100.1", macos="26.1"),
+        mac_output("studio2", "192.168.100.2", macos="26.3"),
+        mac_output("mini", "192.168.100.3", macos="14.6", chip="Apple M2 Pro", ram_gib=32)])
+    c = tool("check", hf, "--ssh", ssh)
+    assert c.returncode == 0, c.stdout + c.stderr  # warnings do not fail the check
+    assert (f"warning: host 0 (studio1) runs macOS 26.1, but the hostfile's {backend} backend "
+            f"needs RDMA over Thunderbolt 5, which macOS has from 26.2") in c.stdout
+    assert "host 1 (studio2) runs" not in c.stdout
+    assert f"warning: host 2 (mini) runs macOS 14.6, but the hostfile's {backend}" in c.stdout
+    assert ("warning: host 2 (mini) runs macOS 14.6: before macOS 15 mlx cannot keep a stage's "
+            "weights resident") in c.stdout
+
+
+def test_the_snippet_reports_a_macs_facts(tmp_path, monkeypatch, capsys):
+    import platform
+
+    from launch.hostfile import SNIPPET, describe_mac, mac_facts
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sysctl = bin_dir / "sysctl"
+    sysctl.write_text("#!/bin/sh\ncase \"$2\" in\n"
+                      "machdep.cpu.brand_string) echo 'Apple M3 Ultra';;\n"
+                      "hw.memsize) echo 274877906944;;\n"
+                      "iogpu.wired_limit_mb) echo 0;;\n"
+                      "*) echo \"sysctl: unknown oid '$2'\" >&2; exit 1;;\nesac\n")
+    sysctl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(platform, "mac_ver", lambda: ("26.2", ("", "", ""), "arm64"))
+    monkeypatch.setattr(sys, "argv", ["-c", str(ROOT)])
+    exec(SNIPPET, {"__name__": "__main__"})
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["macos"] == "26.2" and out["chip"] == "Apple M3 Ultra"
+    assert out["ram"] == "274877906944" and out["wired_limit_mb"] == "0"
+    m = mac_facts(out)  # mlx is not on Metal here: no working set
+    assert m["ram"] == 256 * 2**30 and m["working_set"] is None
+    assert describe_mac(m).startswith("Apple M3 Ultra, macOS 26.2, 274.88 GB (256 GiB) RAM; "
+                                      "Metal's recommended working set unknown")
