@@ -51,21 +51,25 @@ def prompt_tokens(vocab_size: int, n: int = 48, seed: int = 0) -> list:
     return rng.integers(0, vocab_size, size=(1, n)).tolist()
 
 
-def chain_vs_whole(a, b, whole, vocab_size: int, n: int = 40) -> float:
-    """Max |logits| difference between stage a -> stage b and the whole model.
+def chain_vs_whole(stages, whole_logits: np.ndarray, tokens, first: int) -> float:
+    """Max |logits| difference between the stages run in order and the whole model.
 
-    The chain prefills n-2 tokens, then decodes the last two one at a time, with each
-    stage's own caches; the whole model runs one full forward.
+    `whole_logits` are the whole model's for `tokens` in one full forward. The chain, with
+    every stage's own fresh caches, prefills `first` tokens (all of them: one pass) then
+    decodes the rest one at a time; every position's logits are compared.
     """
-    toks = mx.array(prompt_tokens(vocab_size, n))
-    caches_a, caches_b = a.make_caches(), b.make_caches()
+    toks = mx.array(tokens)
+    caches = [s.make_caches() for s in stages]
 
     def chain(t):
-        return b.head(b.forward_layers(a.forward_layers(a.embed(t), caches_a), caches_b))
+        h = stages[0].embed(t)
+        for s, c in zip(stages, caches):
+            h = s.forward_layers(h, c)
+        return stages[-1].head(h)
 
-    outs = [chain(toks[:, : n - 2])] + [chain(toks[:, i : i + 1]) for i in (n - 2, n - 1)]
-    chained = np.array(mx.concatenate(outs, axis=1))
-    return float(np.abs(chained - np.array(whole(toks))).max())
+    parts = [toks[:, :first]] + [toks[:, i : i + 1] for i in range(first, toks.shape[1])]
+    chained = np.array(mx.concatenate([chain(t) for t in parts], axis=1))
+    return float(np.abs(chained - whole_logits).max())
 
 
 def build_tiny(model_type: str, start=None, end=None, has_embed=True, has_head=True,
