@@ -5,11 +5,13 @@
         --synthetic tiny --prompt-lens 128,1024 --gen-lens 32 --concurrency 1,4
 
 Prompts are random ids of exactly the asked length and EOS is ignored, so every row
-does the same work. Each row: time to first token, prefill tokens/s, decode tokens/s
-per sequence and in aggregate, each stage's busy fraction, each rank's peak memory.
-Where mlx-lm is installed, its own pipeline mode runs on the same weights and ranks in
-the same job, as the baseline rows (single sequence). Writes JSON, CSV and a PNG plot
-to --out and prints a table on rank 0.
+does the same work; a row's sequences decode together (micro-batches). Each row: time
+to first token, prefill tokens/s, decode tokens/s per sequence and in aggregate,
+end-to-end tokens/s, each stage's busy fraction, each rank's peak memory. Where mlx-lm
+is installed it runs in the same job (launch/baseline.py): on one rank on our very
+arrays, alternating with ours `--repeats` times (rows are then medians); across ranks
+its pipeline mode, after ours. Writes JSON, CSV and a PNG plot to --out and prints a
+table and the ratios on rank 0.
 """
 
 from __future__ import annotations
