@@ -94,6 +94,8 @@ class Transport:
         if header.op == OP_GROUP:
             header.batch = payload.shape[0]
             payload = payload if header.batch else None  # no rows: the header says it all
+        if header.op == OP_STOP:
+            self.faults.expect_end()  # ranks leave from now on: no news
         t = self.deadline(timeout)
         what = f"sending to {self.names[dst]} took over {t:.0f} s"
         with self._send_lock:
@@ -113,6 +115,8 @@ class Transport:
         header = Header.parse(h)
         if header.op == OP_ABORT:
             self.faults.on_abort(self._recv_blame(src), src)
+        if header.op == OP_STOP:
+            self.faults.expect_end()
         self.faults.check()
         shape, dtype = self._payload(header, src)
         if shape is None:

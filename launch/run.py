@@ -6,21 +6,29 @@
         --synthetic tiny --prompt "Hello"
 
 Rank 0 tokenizes, samples and prints; each rank loads only its layers. With --json the
-last line on stdout is one JSON object (tokens, text, timings, memory, ranks, plan).
+last line on stdout is one JSON object (tokens, text, timings, memory, ranks, plan);
+--json-out FILE writes it to FILE as well, also when the job is stopped or fails.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
+import signal
+
+# First of all, before any import: a stop signal that arrives while this rank starts must
+# wait for the signal thread (dist_runtime/lifecycle.py), not kill it without a word.
+signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mlx.launch runs us as a file
 
 from dist_runtime.devices import pin_gpu  # noqa: E402
 from dist_runtime.lifecycle import Lifecycle, block_signals  # noqa: E402
 
-block_signals()  # before mlx starts its threads: see dist_runtime/lifecycle.py
+block_signals()  # the full set (the same as above, kept in one place)
 pin_gpu()  # before mlx starts CUDA: one GPU per rank
 
 import mlx.core as mx  # noqa: E402
@@ -48,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens regardless")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is")
     p.add_argument("--json", action="store_true", help="last stdout line: a JSON summary")
+    p.add_argument("--json-out", metavar="FILE", help="rank 0 writes the JSON summary to "
+                   "FILE (on its host), also when the job is stopped or fails")
     p.add_argument("--dump-logits", action="store_true", help="with --json: add the logits "
                    "that chose the first token (for comparing implementations)")
     args = p.parse_args(argv)
@@ -97,12 +107,14 @@ def run_coordinator(args, life, job):
         res = coord.current
         res.finish_reason = reason
         partial = "".join(text) + detok.finish()
-        if args.json:
-            print(json.dumps(summary(args, res, partial, len(prompt), [], job)), flush=True)
-        else:
-            print(detok.finish(), flush=True)
-        print(f"[{life.me}] stopped after {len(res.tokens)} generated tokens",
-              file=sys.stderr, flush=True)
+        out = summary(args, res, partial, len(prompt), [], job)
+        write_json_out(args, out)  # first: stdout may lead nowhere (the launcher is gone)
+        try:
+            print(json.dumps(out) if args.json else detok.finish(), flush=True)
+            print(f"[{life.me}] stopped after {len(res.tokens)} generated tokens",
+                  file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
 
     life.on_stop = on_stop
     eos = set() if args.ignore_eos else tok.eos_ids
@@ -117,7 +129,9 @@ def run_coordinator(args, life, job):
     if not args.json:
         print(tail, flush=True)
     peaks = [round(row[1], 4) for row in coord.collect_stats()]  # through the ring: any device
+    job.expect_end()
     coord.stop()
+    job.finish()
     return res, full, len(prompt), peaks
 
 
@@ -136,6 +150,16 @@ def summary(args, res, text, n_prompt, peaks, job) -> dict:
     return out
 
 
+def write_json_out(args, out: dict):
+    """--json-out: the summary into FILE, whole or not at all (written aside, then renamed)."""
+    if not args.json_out:
+        return
+    path = Path(args.json_out)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(out) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     """Entry point on every rank.
 
@@ -145,6 +169,9 @@ def main(argv=None) -> int:
     """
     life = Lifecycle()
     args = parse_args(argv)
+    if args.json_out and life.rank in (0, None):  # a failure before generating: say so
+        life.on_stop = lambda reason: write_json_out(  # noqa: E731
+            args, {"tokens": [], "text": "", "finish_reason": reason})
     job = None
     try:
         job = start_job(args, life, argv, prompt=args.prompt)
@@ -157,8 +184,10 @@ def main(argv=None) -> int:
         res, text, n_prompt, peaks = run_coordinator(args, life, job)
     except Exception as e:  # noqa: BLE001  (one error line, the others told, then exit)
         fail(e, life, job.faults if job is not None else None)
+    out = summary(args, res, text, n_prompt, peaks, job)
+    write_json_out(args, out)
     if args.json:
-        print(json.dumps(summary(args, res, text, n_prompt, peaks, job)), flush=True)
+        print(json.dumps(out), flush=True)
     print(f"[{life.me}] finished", file=sys.stderr, flush=True)
     return 0
 
