@@ -116,6 +116,7 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
         facts = preflight.gather_facts(group, opened.facts, watchdog, args.load_timeout)
     for warning in preflight.check_facts(infos, facts, rank):
         print(f"[{me}] warning: {warning.message}", file=sys.stderr, flush=True)
+    preflight.check_kv_room(facts, infos, args.max_kv_tokens)
     plan = make_plan(opened.costs, infos, args.max_kv_tokens, args.split, args.memory_limit,
                      args.max_batch)
     life.set("loading")

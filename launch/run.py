@@ -37,6 +37,10 @@ from dist_runtime.errors import fail  # noqa: E402
 from dist_runtime.job import start_job  # noqa: E402
 from dist_runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from dist_runtime.tokenizer import StreamingDetokenizer  # noqa: E402
+from dist_runtime.faults import PeerLost  # noqa: E402
+from dist_runtime.transport import NonFiniteError  # noqa: E402
+
+NAN_NEWS_S = 2.0  # s rank 0 waits for a stage to report the NaN it sent before blaming its head
 from launch.options import RankParser, add_model_args, check_model_args  # noqa: E402
 
 
@@ -84,6 +88,14 @@ def run_coordinator(args, life, job):
     The job's start checks tokenized the prompt and refused one longer than the context.
     """
     tok, prompt = job.opened.tokenizer, job.opened.prompt
+    n_max, limit = generation_room(len(prompt), args.max_tokens, job.opened.facts.context,
+                                   args.max_kv_tokens)
+    if limit != "length":
+        room = (f"the model's context of {job.opened.facts.context} positions"
+                if limit == "context" else f"--max-kv-tokens {args.max_kv_tokens}")
+        print(f"[{life.me}] warning: --max-tokens {args.max_tokens} runs past {room}: the "
+              f"prompt's {len(prompt)} tokens leave room for {n_max}; generation stops there "
+              f"(finish_reason \"{limit}\")", file=sys.stderr, flush=True)
     coord = job.coordinator(args.prefill_chunk)
     sampler = Sampler(SamplingParams(args.temp, args.top_k, args.top_p, args.min_p,
                                      args.repetition_penalty, seed=args.seed), prompt)
@@ -94,6 +106,8 @@ def run_coordinator(args, life, job):
     tail = [""]  # the last characters, enough to see a stop string cross pieces
 
     def on_token(token: int) -> bool:
+        if not text:  # the first token: its logits are in
+            check_logits(coord.current, job)
         piece = detok.add(token)
         text.append(piece)
         if not args.json:
@@ -118,7 +132,10 @@ def run_coordinator(args, life, job):
 
     life.on_stop = on_stop
     eos = set() if args.ignore_eos else tok.eos_ids
-    res = coord.generate(prompt, args.max_tokens, sampler, eos, on_token)
+    res = coord.generate(prompt, n_max, sampler, eos, on_token)
+    check_logits(res, job)  # also when the first token was an end of sequence
+    if res.finish_reason == "length":
+        res.finish_reason = limit
     life.on_stop = None
     tail = detok.finish()
     text.append(tail)
@@ -133,6 +150,39 @@ def run_coordinator(args, life, job):
     coord.stop()
     job.finish()
     return res, full, len(prompt), peaks
+
+
+def generation_room(n_prompt: int, max_tokens: int, context: int, max_kv_tokens: int) -> tuple:
+    """(tokens to generate at most, why it stops there): "length" for --max-tokens,
+    "context" when the model's context (0: unknown) is full first, "max_kv_tokens" when
+    the KV positions the plan reserved memory for are. The start checks refused a
+    prompt that leaves no room at all."""
+    limits = [(max_tokens, "length")]
+    if context:
+        limits.append((context - n_prompt, "context"))
+    if max_kv_tokens:
+        limits.append((max_kv_tokens - n_prompt, "max_kv_tokens"))
+    n, why = min(limits, key=lambda x: x[0])  # the first of equals: --max-tokens
+    return max(n, 1), why
+
+
+def check_logits(res, job):
+    """The logits that chose the first token must be finite: NaN or infinity there means
+    broken weights (each stage checks the hidden state it sends, so with several ranks
+    this is rank 0's head: the final norm and the LM head)."""
+    logits = res.first_logits
+    if logits is None or mx.all(mx.isfinite(logits)).item():
+        return
+    if job.liveness is not None:  # a stage that sent NaN says so as it exits: name it
+        blame = job.liveness.culprit(wait=NAN_NEWS_S)
+        if blame is not None:
+            raise PeerLost(job.faults.describe(blame), blame)
+    where = (f"{job.infos[0].name}'s head (the final norm and LM head) produced them from "
+             f"finite hidden states" if job.size > 1 else "the model's weights")
+    raise NonFiniteError(
+        f"the logits that chose the first token hold NaN or infinity: {where}; the weights "
+        f"are likely corrupt (download the checkpoint again), or the activations overflow "
+        f"their dtype (float16?)")
 
 
 def summary(args, res, text, n_prompt, peaks, job) -> dict:
