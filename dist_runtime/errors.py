@@ -54,4 +54,5 @@ def fail(err: Exception, life, faults=None):
     then = (lambda: faults.notify_failure(err)) if faults is not None else None
     if code == EXIT_INTERNAL:  # a bug: the traceback helps whoever reports it
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
-    life.exit_with_error(text, code, reason=f"error: {text}", then=then)
+    life.exit_with_error(text, code, reason=f"error: {text}", then=then,
+                         word=getattr(err, "blame", None))

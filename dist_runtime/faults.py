@@ -20,6 +20,13 @@ the messages (dist_runtime/transport.py gives it `Link`'s two operations):
   order, after at most its own earlier guess), so every rank ends up naming it.
 ABORTs are sent from a helper thread with a bounded wait, so a rank that is already
 failing never blocks on a neighbour that is gone.
+
+The ring alone cannot tell rank 0 that the last rank died while rank 1 was still
+sending (rank 1's ABORT goes to the dead rank), and sees a stopped rank only when some
+wait on it runs out. So every rank also watches every other one over a side channel
+(dist_runtime/liveness.py): heartbeats, deaths, and each rank's last word. When a
+neighbour's socket breaks, `_lost` first asks that channel what the neighbour said before
+it went: a rank that exits because of another one names that one.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ import mlx.core as mx
 
 EXIT_PEER_LOST = 3  # exit code of a rank that gave up waiting for another
 
-# Why a Blame names a rank.
-LOST, TIMEOUT, SEND_TIMEOUT, FAILED, STOPPED = 1, 2, 3, 4, 5
+# Why a Blame names a rank. SILENT: no heartbeat on the side channel (dist_runtime/liveness.py);
+# ORPHANED: the rank stopped because its launcher is gone (dist_runtime/lifecycle.py).
+LOST, TIMEOUT, SEND_TIMEOUT, FAILED, STOPPED, SILENT, ORPHANED = 1, 2, 3, 4, 5, 6, 7
 CONFIRM_S = 2.0  # s a rank that suspects a silent neighbour listens for better news
 NOTIFY_S = 1.0  # s at most spent sending an ABORT on the way out
 LISTEN_S = 0.5  # s a rank whose next rank vanished listens upstream for the reason
@@ -58,7 +66,7 @@ class Blame:
     rank: int
     reason: int  # LOST, TIMEOUT, SEND_TIMEOUT, FAILED or STOPPED
     reporter: int  # the rank that noticed
-    seconds: int = 0  # TIMEOUT / SEND_TIMEOUT: how long the reporter waited
+    seconds: int = 0  # TIMEOUT / SEND_TIMEOUT / SILENT: how long the reporter waited
     sig: int = 0  # STOPPED: the signal
 
     FIELDS = 5  # int32 values on the wire
@@ -96,6 +104,14 @@ class Blame:
                 whom = " this rank"
             return (f"{who} stopped answering: {what}{whom} for {self.seconds} s{seen}; it "
                     f"hangs, is stopped, or its host is unreachable (deadline: --timeout)")
+        if self.reason == SILENT:
+            seen = "" if self.reporter == me else f" (noticed by {by})"
+            return (f"{who} stopped answering: no heartbeat from it for {self.seconds} s{seen}; "
+                    f"it is stopped (SIGSTOP, Ctrl-Z, a debugger), hangs, or its host sleeps or "
+                    f"is unreachable (deadline: --heartbeat-timeout)")
+        if self.reason == ORPHANED:
+            return (f"{who} stopped because its launcher is gone (mlx.launch or launch/start.py "
+                    f"was killed, or its terminal or ssh connection closed); stopping too")
         if self.reason == FAILED:
             return f"{who} failed (its error is above); stopping too"
         if self.reason == STOPPED:
@@ -105,6 +121,18 @@ class Blame:
                 name = f"signal {self.sig}"
             return f"{who} was stopped by {name}; stopping too"
         return f"{who} ended the job (reason {self.reason})"
+
+
+def suspended_message(gap: float) -> str:
+    """What a rank says when it finds that it was itself suspended for `gap` s."""
+    return (f"this rank was suspended for {gap:.0f} s (SIGSTOP, a debugger, or its host "
+            f"slept), longer than the other ranks wait for it; they have given up on it")
+
+
+def explained_by_suspension(blame: Optional[Blame], me: int) -> bool:
+    """Whether a recent suspension of this rank explains `blame`: one that names this
+    rank, or a deadline of its own that ran out (or none yet)."""
+    return blame is None or blame.rank == me or blame.reason in (TIMEOUT, SEND_TIMEOUT)
 
 
 class Watchdog:
@@ -199,6 +227,7 @@ class Faults:
         self.timeout = timeout
         self.confirm_s = confirm_s
         self.link: Optional[Link] = None  # set by the Transport that owns this
+        self.liveness = None  # dist_runtime.liveness.Liveness: what the other ranks said
         self.blame: Optional[Blame] = None  # set once this rank knows the job is ending
         self._lock = threading.Lock()
         self._wait_no = 0  # numbers the waits, so a late deadline finds its wait gone
@@ -232,6 +261,11 @@ class Faults:
             self.life.set(before)
         if not receiving:
             self.check()
+
+    def expect_end(self):
+        """The coordinator's STOP is on its way round: ranks that leave now end normally."""
+        if self.liveness is not None:
+            self.liveness.expect_end()
 
     def check(self):
         """Raise PeerLost if this rank already knows the job is ending (a deadline passed)."""
@@ -267,9 +301,12 @@ class Faults:
         When the next rank went away, the reason may be on its way round the ring (it
         was stopped by a signal, or failed, and said so before exiting): listen to the
         previous rank for LISTEN_S and take a certain ABORT from it over our guess."""
+        word = self.liveness.word(peer, LISTEN_S) if self.liveness is not None else None
         with self._lock:
             if self.blame is None or not self.blame.certain:
-                self.blame = Blame(peer, LOST, self.rank)
+                # Its last word names the rank it exited for (itself when it failed or
+                # was stopped); without one, it died.
+                self.blame = word if word is not None else Blame(peer, LOST, self.rank)
         prev = (self.rank - 1) % self.size
         if peer == self.next and prev != peer and self.blame.reason == LOST:
             news = self._listen(prev, LISTEN_S)
@@ -313,13 +350,15 @@ class Faults:
     # -- ending the job -------------------------------------------------------------------
 
     def describe(self, blame: Optional[Blame] = None) -> str:
-        """The error line for the current (or given) blame."""
-        gap = self._suspended()
-        if gap:
-            return (f"this rank was suspended for {gap:.0f} s (SIGSTOP, a debugger, or its host "
-                    f"slept), longer than the other ranks wait for it (--timeout "
-                    f"{self.timeout:g} s); they have given up on it")
-        return (blame or self.blame).describe(self.names, self.rank)
+        """The error line for the current (or given) blame; this rank's own suspension
+        when that explains it (its deadline ran out, or the others blame it), never for
+        another rank's death."""
+        blame = blame or self.blame
+        if explained_by_suspension(blame, self.rank):
+            gap = self._suspended()
+            if gap:
+                return suspended_message(gap)
+        return blame.describe(self.names, self.rank)
 
     def notify(self, blame: Blame):
         """Send ABORT(blame) to the next rank once, waiting at most NOTIFY_S."""
@@ -347,8 +386,12 @@ class Faults:
 
     def _suspended(self) -> float:
         """Seconds this process was recently suspended (its own deadlines then mean little)."""
-        return self.watchdog.suspended_for(self.timeout + self.confirm_s + 10)
+        within = self.timeout + self.confirm_s + 10
+        gap = self.watchdog.suspended_for(within)
+        if self.liveness is not None:
+            gap = max(gap, self.liveness.suspended_for(within))
+        return gap
 
     def finalize(self):
         """Watchdog thread: report the current blame and exit (the main thread is stuck)."""
-        self.life.exit_with_error(self.describe(), EXIT_PEER_LOST)
+        self.life.exit_with_error(self.describe(), EXIT_PEER_LOST, word=self.blame)

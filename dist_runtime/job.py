@@ -1,28 +1,42 @@
 """A started job: this rank's place in the ring and everything it needs to take part.
 
 `start_job` is the one start path for run.py, bench.py, the server and the tests' jobs:
-join the group, gather every host's facts, open the model and agree on it
-(dist_runtime/preflight.py), plan (dist_runtime/planning.py), load this rank's layers,
-wait until every rank has loaded, keep them resident on a Mac (dist_runtime/metal.py:
-the GPU wired limit, given back by `Job.close`, at exit, and on the error exit), and
-connect the ring. One Watchdog guards every wait of the rank, from the first
-connection to the last message (dist_runtime/faults.py).
+join the group, make sure every rank that joined belongs to this job, start watching
+every other rank (dist_runtime/liveness.py), gather every host's facts, open the model
+and agree on it (dist_runtime/preflight.py), plan (dist_runtime/planning.py), load this
+rank's layers, wait until every rank has loaded, keep them resident on a Mac
+(dist_runtime/metal.py: the GPU wired limit, given back by `Job.close`, at exit, and on
+the error exit), and connect the ring. One Watchdog
+guards every wait of the rank, from the first connection to the last message
+(dist_runtime/faults.py); the liveness channel names a rank that dies or stops answering
+at any point after the first exchange, however long a load or a prefill takes.
+
+The first exchange carries each rank's job identity: the job id that launch/start.py
+gives every rank of one job, the launcher that started it (its pid, for ranks on the
+launcher's host), and a hash of its command line. Two jobs started on the same ports join
+each other's rings (mlx's ring backend lets two processes listen on one port); the
+identity lets every rank say so, and how to fix it, before anything else happens.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from dist_runtime import preflight
-from dist_runtime.cluster import gather_infos, init_group
+from dist_runtime.cluster import INFO_BYTES, gather_infos, gather_json, init_group, \
+    ring_addresses
 from dist_runtime.coordinator import Coordinator
-from dist_runtime.faults import EXIT_PEER_LOST, Faults, Watchdog
+from dist_runtime.errors import StartError
+from dist_runtime.faults import EXIT_PEER_LOST, LISTEN_S, Faults, PeerLost, Watchdog
 from dist_runtime.hostfiles import check_start_env
+from dist_runtime.liveness import Liveness
 from dist_runtime.partition import Plan
 from dist_runtime.metal import Wiring, wire_stage
 from dist_runtime.planning import fmt_bytes, make_plan, wired_limit
@@ -47,6 +61,7 @@ class Job:
     max_batch: int
     micro_batches: Optional[int]
     wiring: Optional[Wiring] = None  # on Metal: the stage's weights kept resident
+    liveness: Optional[Liveness] = None  # None when the job has one rank, or not over a ring
 
     def close(self):
         """Give back the GPU wired limit (on Metal; idempotent). The job's normal end."""
@@ -76,6 +91,17 @@ class Job:
     def serve_stage(self):
         """Ranks 1..N-1: run the stage loop until the coordinator says stop."""
         stage_loop(self.stage, self.transport, self.first_timeout)
+        self.finish()
+
+    def expect_end(self):
+        """Rank 0, before it sends STOP: ranks that leave from now on end normally."""
+        if self.liveness is not None:
+            self.liveness.expect_end()
+
+    def finish(self):
+        """This rank's part ended normally: tell the other ranks, stop watching them."""
+        if self.liveness is not None:
+            self.liveness.finish()
 
 
 def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = None) -> Job:
@@ -90,22 +116,29 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     group = init_group(watchdog, args.load_timeout)
     rank, n = group.rank(), group.size()
     life.rank = rank
-    infos = gather_infos(group, watchdog, args.load_timeout)
-    me = life.me = infos[rank].name
-    life.set("checking the job before loading")
     argv = sys.argv[1:] if argv is None else argv
-    opened = preflight.open_model(args, rank, infos[rank].host, argv,
-                                  prompt=prompt if rank == 0 else None)
-    facts = preflight.gather_facts(group, opened.facts, watchdog, args.load_timeout)
+    liveness = join_job(group, life, watchdog, args, argv)
+    with named_culprit(liveness):
+        infos = gather_infos(group, watchdog, args.load_timeout)
+        me = life.me = infos[rank].name
+        life.set("checking the job before loading")
+        opened = preflight.open_model(args, rank, infos[rank].host, argv,
+                                      prompt=prompt if rank == 0 else None)
+        facts = preflight.gather_facts(group, opened.facts, watchdog, args.load_timeout)
     for warning in preflight.check_facts(infos, facts, rank):
         print(f"[{me}] warning: {warning.message}", file=sys.stderr, flush=True)
+    preflight.check_kv_room(facts, infos, args.max_kv_tokens)
     plan = make_plan(opened.costs, infos, args.max_kv_tokens, args.split, args.memory_limit,
                      args.max_batch)
     life.set("loading")
+    r = plan.ranges[rank]
+    print(f"[{me}] loading {json.dumps({'layers': [r.start, r.stop], 'pid': os.getpid()})}",
+          file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     error, loaded = None, None
     try:
-        loaded = opened.source.load(plan.ranges[rank], has_embed=rank == 0, has_head=rank == 0,
+        _test_delay(rank)
+        loaded = opened.source.load(r, has_embed=rank == 0, has_head=rank == 0,
                                     log_prefix=f"[{me}] ")
     except Exception as e:  # the others learn it at the barrier, and name this rank
         error = e
@@ -113,7 +146,8 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     if error is None:  # as soon as loaded: the ranks' lines come at different moments
         model, _config, files, nbytes = loaded
         report_stage(me, model, files, nbytes, load_s)
-    preflight.ready_barrier(group, infos, rank, error, watchdog, args.load_timeout)
+    with named_culprit(liveness):
+        preflight.ready_barrier(group, infos, rank, error, watchdog, args.load_timeout)
     wiring = wire_stage(wired_limit(opened.costs, plan.ranges, rank, infos[rank],
                                     args.max_kv_tokens, args.max_batch), life, me)
     if wiring is not None:
@@ -122,13 +156,152 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
               file=sys.stderr, flush=True)
     stage = Stage(model, rank, n)
     faults = Faults(rank, n, [i.name for i in infos], watchdog, life, args.timeout)
+    faults.liveness = liveness
     life.faults = faults
     transport = None
     if n > 1:
         transport = Transport(group, model.hidden_width, model.activation_dtype(), faults,
                               args.timeout, args.first_timeout)
     return Job(group, infos, plan, stage, opened.source, opened, faults, transport, load_s,
-               args.first_timeout, args.max_batch, args.micro_batches, wiring)
+               args.first_timeout, args.max_batch, args.micro_batches, wiring, liveness)
+
+
+# -- the first exchange: one job, and its liveness channel ------------------------------------
+
+
+def launcher_identity() -> str:
+    """'host:pid:start' of the launcher process that started this rank (mlx.launch or
+    launch/start.py, on its own host), or '' when the parent is something else (sshd for
+    a rank on another host, mpirun)."""
+    try:
+        import psutil
+
+        parent = psutil.Process(os.getppid())
+        cmd = " ".join(parent.cmdline())
+        if "mlx.launch" in cmd or "_distributed_utils" in cmd or "start.py" in cmd:
+            return f"{socket.gethostname()}:{parent.pid}:{parent.create_time():.2f}"
+    except Exception:  # noqa: BLE001  (no identity is no check, never a failure)
+        pass
+    return ""
+
+
+def job_identity(argv: list) -> dict:
+    """What every rank of one job shares and another job's ranks do not."""
+    return {"job": os.environ.get("PIPELINE_JOB_ID", ""), "launcher": launcher_identity(),
+            "argv": hashlib.sha256(json.dumps(list(argv)).encode()).hexdigest()[:16]}
+
+
+def check_one_job(rows: list):
+    """Raise StartError, the same on every rank, when the ranks that joined do not all
+    belong to one job (rows: each rank's first exchange, in rank order)."""
+    names = [f"rank {r} ({row['host']})" for r, row in enumerate(rows)]
+
+    def pid(row) -> str:
+        return row["launcher"].split(":")[1] if row["launcher"] else "?"
+
+    ref = rows[0]
+    for r, row in enumerate(rows[1:], 1):
+        why = None
+        if row["job"] != ref["job"]:
+            why = (f"launch/start.py started it as job {row['job'] or '(none)'}, {names[0]} "
+                   f"as job {ref['job'] or '(none)'}")
+        else:
+            for q in range(r):
+                other = rows[q]
+                if row["host"] == other["host"] and row["launcher"] and other["launcher"] \
+                        and row["launcher"] != other["launcher"]:
+                    why = (f"another launcher started it (pid {pid(row)}) than {names[q]} "
+                           f"(pid {pid(other)}) on the same host")
+                    break
+        if why is None and row["argv"] != ref["argv"]:
+            why = f"it runs another command line than {names[0]}"
+        if why is not None:
+            raise StartError(
+                f"{names[r]} is not part of this job: {why}. Two jobs started on the same "
+                f"ports join each other's rings{_ports_hint()}; start one of them on other "
+                f"ports (mlx.launch --starting-port PORT, or launch/start.py --starting-port "
+                f"PORT), or wait until the other job ends")
+
+
+def _ports_hint() -> str:
+    addrs = ring_addresses()
+    try:
+        ports = [int(a.rpartition(":")[2]) for node in addrs for a in node]
+    except (TypeError, ValueError, AttributeError):
+        return ""
+    if not ports:
+        return ""
+    return (f" (this job's ring listens on ports {min(ports)}-{max(ports)}; e.g. "
+            f"--starting-port {max(ports) + 1} is free of both)")
+
+
+def join_job(group, life, watchdog, args, argv: list) -> Optional[Liveness]:
+    """The first exchange: check that every rank belongs to this job, and start watching
+    every other rank (returns the Liveness, None for one rank or another backend)."""
+    rank, n = group.rank(), group.size()
+    if n == 1:
+        return None
+    liveness = None
+    if ring_addresses() is not None:  # the ring backend: IPs we can reach the ranks at
+        try:
+            liveness = Liveness(rank, n, args.heartbeat_timeout, args.liveness_port, watchdog)
+        except OSError as e:
+            port = f" (--liveness-port {args.liveness_port} + {rank})" if args.liveness_port \
+                else ""
+            raise StartError(f"cannot open the liveness channel's port{port}: {e.strerror or e}; "
+                             f"pass another --liveness-port, or 0 for any free port") from e
+    mine = {"host": socket.gethostname(), **job_identity(argv),
+            "live": liveness.address() if liveness is not None else None}
+    rows = gather_json(group, mine, INFO_BYTES, watchdog, args.load_timeout, kind="job")
+    try:
+        check_one_job(rows)
+    except StartError:
+        if liveness is not None:
+            liveness.close()
+        raise
+    if liveness is not None:
+        token = hashlib.sha256(json.dumps(rows[0], sort_keys=True).encode()).hexdigest()[:16]
+        names = [f"rank {r} ({row['host']})" for r, row in enumerate(rows)]
+
+        def on_verdict(blame):
+            f = life.faults
+            message = f.describe(blame) if f is not None else liveness.describe(blame)
+            then = (lambda: f.notify(blame)) if f is not None else None  # noqa: E731
+            life.exit_with_error(message, EXIT_PEER_LOST, reason=f"error: {message}",
+                                 then=then, word=blame)
+
+        liveness.start([row["live"] for row in rows], names, token, on_verdict)
+        life.liveness = liveness
+    return liveness
+
+
+class named_culprit:
+    """Around the start's collectives: a broken connection names the rank at fault when
+    the liveness channel knows it (the collective's own error cannot say which)."""
+
+    def __init__(self, liveness: Optional[Liveness]):
+        self.liveness = liveness
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if self.liveness is None or not isinstance(err, StartError):
+            return False
+        blame = self.liveness.culprit(wait=LISTEN_S * 2)
+        if blame is None:
+            return False
+        raise PeerLost(self.liveness.describe(blame), blame) from err
+
+
+def _test_delay(rank: int):
+    """Tests only: PIPELINE_TEST_LOAD_DELAY='r:s,...' makes rank r take s s more to load
+    (a slow disk), so that tests can act on a job while it loads."""
+    spec = os.environ.get("PIPELINE_TEST_LOAD_DELAY", "")
+    for part in filter(None, spec.split(",")):
+        r, _, seconds = part.partition(":")
+        if r.strip() == str(rank):
+            time.sleep(float(seconds))
 
 
 def report_stage(me: str, model, files: list, nbytes: int, load_s: float):

@@ -208,6 +208,19 @@ def check_facts(infos: list, facts: list, me: int) -> list:
     return [p for p in problems if p.level == "warning"]
 
 
+def check_kv_room(facts: list, infos: list, max_kv_tokens: int):
+    """Refuse a prompt that fills the KV positions the plan reserves memory for
+    (--max-kv-tokens): it would use memory the plan did not count (the same on every rank)."""
+    n = facts[0].prompt_tokens
+    if max_kv_tokens and n >= max_kv_tokens:
+        raise PreflightError(
+            f"the prompt is {n} tokens (tokenized on {infos[0].name}) but --max-kv-tokens is "
+            f"{max_kv_tokens}, the KV-cache positions the plan reserves memory for, and "
+            f"generation needs at least one more: pass --max-kv-tokens {n + 1} or more "
+            f"(the prompt plus the tokens to generate), or shorten the prompt by at least "
+            f"{n - max_kv_tokens + 1} tokens")
+
+
 # -- after loading --------------------------------------------------------------------------
 
 

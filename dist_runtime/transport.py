@@ -36,6 +36,10 @@ class TransportError(RuntimeError):
     """A message that does not match what the ranks agreed."""
 
 
+class NonFiniteError(TransportError):
+    """A stage's output holds NaN or infinity: its weights are broken, or it overflows."""
+
+
 @dataclass
 class Header:
     """What a message carries; `length` positions of `batch` sequences at cache `offset`."""
@@ -94,13 +98,27 @@ class Transport:
         if header.op == OP_GROUP:
             header.batch = payload.shape[0]
             payload = payload if header.batch else None  # no rows: the header says it all
+        if header.op == OP_STOP:
+            self.faults.expect_end()  # ranks leave from now on: no news
         t = self.deadline(timeout)
         what = f"sending to {self.names[dst]} took over {t:.0f} s"
+        # Whether a hidden state is finite is computed with its send (no extra wait) and
+        # checked once the whole message is out, so message boundaries always hold.
+        finite = mx.all(mx.isfinite(payload)) \
+            if header.op == OP_FORWARD and payload is not None else None
         with self._send_lock:
             for a in (header.array(), payload):
                 if a is not None:
-                    self.faults.wait(mx.distributed.send(a, dst, group=self.group), what, t,
-                                     peer=dst, receiving=False)
+                    op = mx.distributed.send(a, dst, group=self.group)
+                    self.faults.wait(op if a is not payload or finite is None else [op, finite],
+                                     what, t, peer=dst, receiving=False)
+        if finite is not None and not finite.item():
+            raise NonFiniteError(
+                f"the hidden state that {self.names[self.rank]} computed (after its layers) "
+                f"holds NaN or infinity (message {header.seq}, {header.length} positions): "
+                f"the weights on this host are likely corrupt (compare its "
+                f"checkpoint files with rank 0's, or download them again), or the "
+                f"activations overflow their dtype (float16?)")
         if header.op == OP_FORWARD and header.flags & FLAG_RETURN and self.rank != 0:
             self.warm = True  # this stage has passed on the end of the first prompt
 
@@ -113,6 +131,8 @@ class Transport:
         header = Header.parse(h)
         if header.op == OP_ABORT:
             self.faults.on_abort(self._recv_blame(src), src)
+        if header.op == OP_STOP:
+            self.faults.expect_end()
         self.faults.check()
         shape, dtype = self._payload(header, src)
         if shape is None:

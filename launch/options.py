@@ -20,6 +20,7 @@ from dist_runtime.source import DTYPES
 DEFAULT_TIMEOUT = 20.0  # s a rank waits for a neighbour once the first prompt went round
 DEFAULT_FIRST_TIMEOUT = 600.0  # s until then: first kernel compile, a long first prefill
 LOAD_TIMEOUT = 1800.0  # s for every rank to start, pass the checks and load (100 GB loads)
+HEARTBEAT_TIMEOUT = 6.0  # s without a heartbeat before a rank is named, whatever it does
 
 
 class RankParser(argparse.ArgumentParser):
@@ -77,6 +78,13 @@ def add_model_args(p: argparse.ArgumentParser):
                    "long first prefill); at least --timeout")
     p.add_argument("--load-timeout", type=float, default=LOAD_TIMEOUT,
                    help="seconds for every rank to start, pass the checks and load its layers")
+    p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
+                   help="seconds without a heartbeat from a rank (sent by a thread of its "
+                   "own, whatever the rank computes or loads) before it is named as stopped "
+                   "or unreachable")
+    p.add_argument("--liveness-port", type=int, default=0, metavar="PORT",
+                   help="rank r listens for the other ranks' heartbeats on TCP port PORT + r "
+                   "(default: any free port; give one where a firewall must allow them)")
 
 
 def check_model_args(p: argparse.ArgumentParser, args):
@@ -84,7 +92,10 @@ def check_model_args(p: argparse.ArgumentParser, args):
     for name in ("prefill_chunk", "max_kv_tokens", "max_batch", "micro_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("timeout", "first_timeout", "load_timeout"):
+    if not 0 <= args.liveness_port < 65536:
+        p.error(f"--liveness-port must be a TCP port (1 to 65535, or 0 for any free port), "
+                f"got {args.liveness_port}")
+    for name in ("timeout", "first_timeout", "load_timeout", "heartbeat_timeout"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be above 0 seconds, got "
                     f"{getattr(args, name)}")

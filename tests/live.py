@@ -1,11 +1,12 @@
 """Jobs watched while they run: signal a chosen rank, time every rank's exit, find orphans.
 
-`LiveJob` starts `mlx.launch` on local ranks with a unique marker in the environment,
-reads stdout and stderr as they come (with timestamps), learns each rank's pid from
-its stage line, and after a signal polls every rank until it has exited. mlx.launch's
-own exit status is 0 whatever happens, so exit codes come from its '[WARN] Node with
-rank r exited with code c' lines. `leftovers()` lists processes that still carry the
-marker; `close()` resumes and kills them, so a failing test leaves nothing behind.
+`LiveJob` starts `mlx.launch` (or the project's launcher, launch/start.py) on local
+ranks with a unique marker in the environment, reads stdout and stderr as they come (with
+timestamps), learns each rank's pid from its loading or stage line, and after a signal
+polls every rank until it has exited. mlx.launch's own exit status is 0 whatever
+happens, so exit codes come from its '[WARN] Node with rank r exited with code c' lines.
+`leftovers()` lists processes that still carry the marker; `close()` resumes and kills
+them, so a failing test leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tests.launcher import ROOT
 
 # A rank's line, wherever it starts (mlx.launch may put its own text before it), up to the
 # end of the line or the next rank's line run into it.
-RANK_RE = re.compile(r"\[rank (\d+) \(([^)]*)\)\] (stage|finished|error|warning|stopped)"
+RANK_RE = re.compile(r"\[rank (\d+) \(([^)]*)\)\] (stage|loading|finished|error|warning|stopped)"
                      r":? ?((?:(?!\[rank \d+ \()[^\n])*)")
 CODE_RE = re.compile(r"Node with rank (\d+) exited with code (-?\d+)")
 KILLED_RE = re.compile(r"Node with rank (\d+) was killed")
@@ -45,24 +46,31 @@ def alive(pid: int) -> bool:
 class LiveJob:
     """One mlx.launch job on n local ranks (n == 1: plain python)."""
 
-    def __init__(self, n: int, args: list, env=None, hostfile=None):
+    def __init__(self, n: int, args: list, env=None, hostfile=None, start: bool = False,
+                 session: bool = False, script=None):
+        """`start`: through launch/start.py instead of mlx.launch; `session`: in a process
+        group of its own, as a terminal's foreground job (see `signal_group`); `script`:
+        what each rank runs instead of launch/run.py."""
         self.n = n
         self.marker = uuid.uuid4().hex
         full_env = dict(os.environ, **(env or {}), **{MARKER_VAR: self.marker})
+        script = str(script or ROOT / "launch/run.py")
         if n == 1:
-            cmd = [sys.executable, str(ROOT / "launch/run.py"), *args]
+            cmd = [sys.executable, script, *args]
         else:
             hf = hostfile or ROOT / "hostfiles" / f"localhost-{n}.json"
             # Ports of its own: jobs run by other tests at the same time must not join it.
             port = random.Random(self.marker).randrange(20000, 60000, 16)
-            cmd = ["mlx.launch", "--hostfile", str(hf), "--starting-port", str(port),
-                   str(ROOT / "launch/run.py"), *args]
+            launcher = [sys.executable, str(ROOT / "launch/start.py")] if start \
+                else ["mlx.launch"]
+            cmd = [*launcher, "--hostfile", str(hf), "--starting-port", str(port), script,
+                   *args]
         self.t0 = time.monotonic()
         self.lines: list = []  # (seconds since start, 'out' | 'err', text)
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, cwd=ROOT, env=full_env,
-                                     text=True, errors="replace")
+                                     text=True, errors="replace", start_new_session=session)
         self._readers = [threading.Thread(target=self._read, args=(f, tag), daemon=True)
                          for f, tag in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))]
         for t in self._readers:
@@ -106,7 +114,10 @@ class LiveJob:
 
     @property
     def pids(self) -> dict:
-        return {r: json.loads(v[0])["pid"] for r, v in self.said("stage").items()}
+        """rank -> pid, from its loading line (or its stage line)."""
+        out = {r: json.loads(v[0])["pid"] for r, v in self.said("stage").items()}
+        out.update({r: json.loads(v[0])["pid"] for r, v in self.said("loading").items()})
+        return out
 
     @property
     def exit_codes(self) -> dict:
@@ -145,12 +156,32 @@ class LiveJob:
 
     def wait_stages(self, timeout: float = 60):
         """Until every rank has printed its stage line (it has loaded); returns the pids."""
-        self.wait_for(lambda: len(self.pids) == self.n, timeout, "stage line from every rank")
+        self.wait_for(lambda: len(self.said("stage")) == self.n, timeout,
+                      "stage line from every rank")
+        return self.pids
+
+    def wait_loading(self, timeout: float = 60):
+        """Until every rank has said it is loading its layers; returns the pids."""
+        self.wait_for(lambda: len(self.said("loading")) == self.n, timeout,
+                      "loading line from every rank")
         return self.pids
 
     def signal(self, rank: int, sig) -> float:
         """Send `sig` to rank's process; returns the time (since start) it was sent."""
         os.kill(self.pids[rank], sig)
+        self.signalled_at = time.monotonic() - self.t0
+        return self.signalled_at
+
+    def signal_launcher(self, sig) -> float:
+        """Send `sig` to the launcher process alone (mlx.launch or launch/start.py)."""
+        os.kill(self.proc.pid, sig)
+        self.signalled_at = time.monotonic() - self.t0
+        return self.signalled_at
+
+    def signal_group(self, sig) -> float:
+        """Send `sig` to the launcher's process group, as a terminal does on Ctrl-C
+        (start the job with session=True)."""
+        os.killpg(self.proc.pid, sig)
         self.signalled_at = time.monotonic() - self.t0
         return self.signalled_at
 
