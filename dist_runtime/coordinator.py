@@ -109,6 +109,9 @@ class Coordinator:
         self.steps: dict = {}  # micro-batch id -> its last _Step sent
         self._local = deque()  # one rank: results queued at send time
         self._early = deque()  # results that came back during a stats exchange
+        # Per forward message in the ring, in send order: whether a result comes back for
+        # it. A wait for a result lies behind every message sent before it.
+        self._ahead = deque()
         self._unread: list = []  # (sequence ids, tokens [B]) sampled but not yet read
         self.current = GenerationResult()  # the (first) generation in progress, for a stop
         self.heard = time.monotonic()  # when the last message came back round the ring
@@ -328,6 +331,7 @@ class Coordinator:
             return
         header.flags = FLAG_RETURN if rows is not None else 0
         self.transport.send(1, header, self.stage.timed(h))
+        self._ahead.append(rows is not None)
 
     def _sample(self, h: mx.array, rows: list) -> tuple:
         """(logits [B, V], tokens [B]) of the last position of each row of h (lazy)."""
@@ -341,7 +345,10 @@ class Coordinator:
         if self.n == 1:
             logits, tokens = self._local.popleft()
         else:  # an ABORT raises PeerLost in recv
-            header, h = self._early.popleft() if self._early else self.transport.recv(self.n - 1)
+            if self._early:
+                header, h = self._early.popleft()
+            else:
+                header, h = self.transport.recv(self.n - 1, self._deadline(self._answered()))
             if header.op != OP_FORWARD or header.seq != id:
                 raise RuntimeError(f"coordinator expected the result of {id}, got op "
                                    f"{header.op} for {header.seq}")
@@ -402,15 +409,33 @@ class Coordinator:
         if self.n > 1:
             self.transport.send(1, Header(OP_STATS), table)
             while True:
-                header, payload = self.transport.recv(self.n - 1)
+                behind = len(self._ahead) + 1  # the stats message comes after all of them
+                header, payload = self.transport.recv(self.n - 1, self._deadline(behind))
                 if header.op != OP_FORWARD:
                     break
+                self._answered()
                 self._early.append((header, payload))
             if header.op != OP_STATS:
                 raise RuntimeError(f"expected the stats message back, got op {header.op}")
-            self.heard = time.monotonic()
             table = payload
+        self.heard = time.monotonic()
         return table.tolist()
+
+    def _answered(self) -> int:
+        """A result comes back: the messages it answers for, up to and including its own."""
+        n = 0
+        while self._ahead:
+            n += 1
+            if self._ahead.popleft():
+                break
+        return max(n, 1)
+
+    def _deadline(self, messages: int) -> float:
+        """How long to wait for a message from the last rank that comes back behind
+        `messages` forward messages: the transport's deadline (--timeout once warm) for
+        each, as a long prompt's chunks queue at the slowest stage and only the last one
+        answers. A rank that dies is still seen at once (its socket closes)."""
+        return self.transport.deadline() * messages
 
     def stop(self, timeout: float = 30.0):
         """Tell every stage to exit and wait until the message has gone round the ring."""

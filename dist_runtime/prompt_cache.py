@@ -50,13 +50,9 @@ class PromptCache:
         self.floor = floor or (lambda positions: 0)
         self.min_reuse = max(1, min_reuse)
         self.entries: "OrderedDict[int, Entry]" = OrderedDict()
+        self.positions = 0  # kept now, over all entries
         self.hits = 0  # prompts that started from a kept sequence
         self.reused = 0  # prompt positions not prefilled thanks to it
-
-    @property
-    def positions(self) -> int:
-        """Positions kept now, over all entries."""
-        return sum(e.positions for e in self.entries.values())
 
     def match(self, prompt: list) -> Optional[tuple]:
         """(kept sequence, k) for the longest reusable prefix of `prompt` (at most all but
@@ -97,22 +93,26 @@ class PromptCache:
                     _common(new.tokens, e.tokens) == len(e.tokens) and \
                     self.floor(new.positions) <= self.floor(e.positions):
                 drop.append(e.seq)  # every prefix it gives, the new one gives too
-                del self.entries[e.seq]
+                self._remove(e.seq)
         self.entries[seq] = new
+        self.positions += positions
         for e in list(self.entries.values()):
             if self.positions <= self.capacity:
                 break
             if not e.pins:
                 drop.append(e.seq)
-                del self.entries[e.seq]
+                self._remove(e.seq)
         return drop
 
     def clear(self) -> list:
         """Forget every unpinned entry; returns them (to release)."""
         drop = [s for s, e in self.entries.items() if not e.pins]
         for s in drop:
-            del self.entries[s]
+            self._remove(s)
         return drop
+
+    def _remove(self, seq: int):
+        self.positions -= self.entries.pop(seq).positions
 
 
 def _common(a: np.ndarray, b: np.ndarray) -> int:
