@@ -43,20 +43,21 @@ def alive(pid: int) -> bool:
 
 
 class LiveJob:
-    """One mlx.launch job on n local ranks (n == 1: plain python)."""
+    """One mlx.launch job on n local ranks (n == 1: plain python) of launch/run.py, or of
+    another script (`script`, relative to the repository)."""
 
-    def __init__(self, n: int, args: list, env=None, hostfile=None):
+    def __init__(self, n: int, args: list, env=None, hostfile=None, script="launch/run.py"):
         self.n = n
         self.marker = uuid.uuid4().hex
         full_env = dict(os.environ, **(env or {}), **{MARKER_VAR: self.marker})
         if n == 1:
-            cmd = [sys.executable, str(ROOT / "launch/run.py"), *args]
+            cmd = [sys.executable, str(ROOT / script), *args]
         else:
             hf = hostfile or ROOT / "hostfiles" / f"localhost-{n}.json"
             # Ports of its own: jobs run by other tests at the same time must not join it.
             port = random.Random(self.marker).randrange(20000, 60000, 16)
             cmd = ["mlx.launch", "--hostfile", str(hf), "--starting-port", str(port),
-                   str(ROOT / "launch/run.py"), *args]
+                   str(ROOT / script), *args]
         self.t0 = time.monotonic()
         self.lines: list = []  # (seconds since start, 'out' | 'err', text)
         self._lock = threading.Lock()
