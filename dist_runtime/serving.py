@@ -34,6 +34,7 @@ from dist_runtime.sampling import Sampler, SamplingParams
 from dist_runtime.tokenizer import StreamingDetokenizer
 
 IDLE_POLL_S = 0.05  # s to wait for work when the ring has nothing to do but is not idle
+FRESH_S = 0.2  # s within which /health takes the last stats instead of a new round trip
 LOST_GRACE_S = 2.0  # s the server keeps answering 503 (naming the lost rank) before exiting
 EXIT_NOTICE_S = 1.0  # s at most an exiting server waits for the clients to get their error
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's
@@ -92,6 +93,7 @@ class Ticket:
     closed: bool = False  # its last event went out
     delivered: threading.Event = field(default_factory=threading.Event)  # HTTP side: sent
     next_check: float = 0.0  # HTTP side: when to look again whether the client is there
+    answered: bool = False  # HTTP side: its answer is over
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, event: tuple):
@@ -231,7 +233,8 @@ class Engine:
             if arg.seq in self.tickets:
                 self.coord.cancel(arg.seq)
         elif kind == "stats":
-            self._stats()
+            if self.stats["time"] is None or time.monotonic() - self.stats["time"] > FRESH_S:
+                self._stats()  # requests that waited together share one round trip
             arg.set_result(self.health())
 
     def _start(self, t: Ticket):

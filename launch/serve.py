@@ -184,6 +184,16 @@ class Settings:
         self.cache_prompt = _get(body, "cache_prompt", "boolean", True)
 
 
+def _text(value: str, param: str):
+    """400 for a string the tokenizer cannot take (lone surrogates from JSON escapes)."""
+    from dist_runtime.tokenizer import utf8_problem
+
+    problem = utf8_problem(value)
+    if problem:
+        raise ApiError(400, f"'{param}' is not valid UTF-8 text: {problem}", param=param,
+                       code="invalid_value")
+
+
 def chat_prompt(body: dict, tok) -> list:
     """The token ids of a chat request's messages, through the chat template."""
     from dist_runtime.tokenizer import TokenizerError
@@ -219,6 +229,7 @@ def chat_prompt(body: dict, tok) -> list:
             raise ApiError(400, f"'{where}.content' must be a string or an array of text "
                            f"parts, got {_type_name(content)}", param=f"{where}.content",
                            code="invalid_type")
+        _text(content, f"{where}.content")
         out.append({"role": role, "content": content})
     try:
         text = tok.apply_chat_template(out) if tok.chat_template else \
@@ -241,6 +252,7 @@ def completion_prompt(body: dict, tok, vocab: int) -> list:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
+        _text(prompt, "prompt")
         ids = tok.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -374,9 +386,10 @@ class Front:
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             if s.stream:
                 handed_off = True
-                return StreamingResponse(self.stream(t, events, first, rid, chat, s),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
+                return TicketStream(self.stream(t, events, first, rid, chat, s),
+                                    on_close=lambda: self.done(t),
+                                    media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache"})
             return await self.whole(t, events, request, first, rid, chat)
         finally:
             if not handed_off:
@@ -400,7 +413,10 @@ class Front:
         return asked
 
     def done(self, t):
-        """The request's answer is over (sent, failed, or its client left)."""
+        """The request's answer is over (sent, failed, or its client left); once."""
+        if t.answered:
+            return
+        t.answered = True
         self.active -= 1
         if not t.closed:
             self.engine.cancel(t)
@@ -482,6 +498,21 @@ class Front:
                 ev = await events.get()
         finally:
             self.done(t)  # also when the client went away: its sequence is cancelled
+
+
+class TicketStream(StreamingResponse):
+    """A streamed answer that calls `on_close` however it ends, even when the client left
+    before its first byte (then the body's generator never starts, nor its `finally`)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def listen(host: str, port: int) -> socket.socket:

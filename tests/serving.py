@@ -10,7 +10,6 @@ import urllib.request
 from tests.live import LiveJob
 
 SERVING_RE = re.compile(r"\[rank 0 \([^)]*\)\] serving \S+ at (http://\S+)/v1 ")
-REQUEST_RE = re.compile(r"\[rank 0 \([^)]*\)\] request (\d+): .*decoded with up to (\d+) other")
 MODEL = "glm4_moe"
 
 
