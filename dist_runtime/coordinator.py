@@ -8,6 +8,14 @@ send order; only the last position's hidden state travels back. With one rank th
 coordinator is the whole model and no message is sent: one code path for one process
 and for N.
 
+One loop serves a batch of requests (`generate_many`) and a server alike: `submit` adds
+a sequence at any time, `step` carries out the schedule's next action, `cancel` ends a
+sequence early (its rows leave at the next step, its caches go on every stage), and
+`retire` hands back the sequences that finished. With a prompt cache
+(dist_runtime/prompt_cache.py), finished sequences' caches are kept on every stage
+(OP_KEEP) and a new prompt sharing a prefix with one starts from a copy of it (OP_FORK),
+sent just before its first chunk.
+
 The host never waits where it need not. Sampled tokens stay on the device: a micro-
 batch's next step is built from its last step's tokens before they are read, and the
 tokens are read (to stream them and to see an end of sequence) only once that next step
@@ -24,11 +32,14 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from dist_runtime.prompt_cache import PromptCache
 from dist_runtime.sampling import Sampler, sample_rows
 from dist_runtime.schedule import CHUNK, DONE, RECV, RELEASE, STEP, Schedule
 from dist_runtime.stage import Stage
-from dist_runtime.transport import (FLAG_RETURN, OP_FORWARD, OP_GROUP, OP_RELEASE, OP_STATS,
-                                    OP_STOP, STATS_FIELDS, Header)
+from dist_runtime.transport import (FLAG_RETURN, OP_FORK, OP_FORWARD, OP_GROUP, OP_KEEP,
+                                    OP_RELEASE, OP_STATS, OP_STOP, STATS_FIELDS, Header)
+
+KEPT_REASONS = ("eos", "length", "stop")  # sequences that ended so are kept for reuse
 
 
 @dataclass
@@ -40,6 +51,9 @@ class Request:
     sampler: Sampler
     eos_ids: frozenset = frozenset()
     on_token: Optional[Callable[[int], bool]] = None  # returns True to stop this sequence
+    # Called once, when it has finished and all its tokens were given to on_token.
+    on_done: Optional[Callable[["GenerationResult"], None]] = None
+    cache_prompt: bool = True  # with a prompt cache: reuse a kept prefix, be kept after
 
 
 @dataclass
@@ -56,6 +70,9 @@ class GenerationResult:
     t_start: float = 0.0
     t_first: float = 0.0
     t_end: float = 0.0
+    seq: int = 0  # its sequence id
+    cached_tokens: int = 0  # prompt positions reused from a kept sequence, not prefilled
+    batched_with: int = 0  # most other sequences in one decode step with it
 
 
 @dataclass
@@ -65,6 +82,8 @@ class _Live:
     req: Request
     res: GenerationResult
     last: Optional[mx.array] = None  # [1] int32, on the device until read
+    fork: Optional[tuple] = None  # (kept sequence, k): to copy before its first chunk
+    done: bool = False  # on_done was called
 
 
 @dataclass
@@ -79,8 +98,10 @@ class Coordinator:
     """Rank 0's side of the ring (or the whole model when alone)."""
 
     def __init__(self, stage: Stage, transport=None, prefill_chunk: Optional[int] = None,
-                 max_batch: Optional[int] = None, micro_batches: Optional[int] = None):
+                 max_batch: Optional[int] = None, micro_batches: Optional[int] = None,
+                 prompt_cache: Optional[PromptCache] = None):
         self.stage = stage
+        self.prompt_cache = prompt_cache
         self.transport = transport
         self.n = stage.n_stages
         self.schedule = Schedule(self.n, max_batch, prefill_chunk, micro_batches)
@@ -88,43 +109,100 @@ class Coordinator:
         self.steps: dict = {}  # micro-batch id -> its last _Step sent
         self._local = deque()  # one rank: results queued at send time
         self._early = deque()  # results that came back during a stats exchange
+        # Per forward message in the ring, in send order: whether a result comes back for
+        # it. A wait for a result lies behind every message sent before it.
+        self._ahead = deque()
         self._unread: list = []  # (sequence ids, tokens [B]) sampled but not yet read
         self.current = GenerationResult()  # the (first) generation in progress, for a stop
+        self.heard = time.monotonic()  # when the last message came back round the ring
+        # What the decode steps looked like (a server's stats): steps sent, rows in them,
+        # the most rows in one step, and the most sequences decoding at once.
+        self.counts = {"steps": 0, "rows": 0, "max_rows": 0, "max_decoding": 0}
 
     # -- the loop -------------------------------------------------------------------------
 
     def generate_many(self, requests: list) -> list:
         """Generate every request (all in flight as the schedule allows); their results."""
-        results = []
-        for req in requests:
-            st = self.schedule.add(len(req.prompt), req.max_tokens)
-            res = GenerationResult(prompt_tokens=len(req.prompt), finish_reason="length")
-            self.live[st.seq] = _Live(req, res)
-            results.append(res)
+        results = [self.submit(req) for req in requests]
         self.current = results[0]
-        mine = set(self.live)
-        while any(not self.schedule.seqs[s].released or not self.schedule.seqs[s].finished
-                  for s in mine if s in self.schedule.seqs):
-            action = self.schedule.next_action()
-            if action.kind in (RECV, DONE) and self._unread:
-                self._read_tokens()  # nothing to queue first: read now
-                continue
-            if action.kind == DONE:
+        mine = [res.seq for res in results]
+        while any(not st.released or not st.finished
+                  for st in (self.schedule.seqs.get(s) for s in mine) if st is not None):
+            if not self.step():
                 break
-            if action.kind == RECV:
-                self._receive(action.id)
-                continue
-            {CHUNK: self._send_chunk, STEP: self._send_step,
-             RELEASE: self._send_release}[action.kind](action)
-            self.schedule.sent(action)
-            self._read_tokens()  # the device has the next step: now read the last one
         self._read_tokens()
-        self.schedule.forget(mine)
-        for s in mine:
-            self.live.pop(s, None)
+        self.retire()
         for res in results:
             _rates(res)
         return results
+
+    def submit(self, req: Request) -> GenerationResult:
+        """Add a sequence (it joins the running ones as the schedule allows); its result,
+        filled in as it goes (`seq` is its id)."""
+        fork = None
+        if self.prompt_cache is not None and req.cache_prompt:
+            fork = self.prompt_cache.match(req.prompt)
+        k = fork[1] if fork else 0
+        st = self.schedule.add(len(req.prompt), req.max_tokens, start=k)
+        res = GenerationResult(prompt_tokens=len(req.prompt), finish_reason="length",
+                               seq=st.seq, cached_tokens=k)
+        self.live[st.seq] = _Live(req, res, fork=fork)
+        return res
+
+    def step(self) -> bool:
+        """Carry out the schedule's next action; False when there is nothing to do."""
+        action = self.schedule.next_action()
+        if action.kind in (RECV, DONE) and self._unread:
+            self._read_tokens()  # nothing to queue first: read now
+            return True
+        if action.kind == DONE:
+            return False
+        if action.kind == RECV:
+            self._receive(action.id)
+            return True
+        {CHUNK: self._send_chunk, STEP: self._send_step,
+         RELEASE: self._send_release}[action.kind](action)
+        self.schedule.sent(action)
+        self._read_tokens()  # the device has the next step: now read the last one
+        return True
+
+    def cancel(self, seq: int):
+        """End sequence `seq` now (its client went away): its rows leave at the next step
+        and its caches are freed on every stage, not kept."""
+        x, st = self.live.get(seq), self.schedule.seqs.get(seq)
+        if x is None or st is None or st.finished:
+            return
+        x.res.finish_reason = "cancelled"
+        self.schedule.stopped(seq)
+
+    def retire(self) -> list:
+        """Sequences that finished with all their tokens given: call each one's on_done
+        once; forget those that hold nothing in the ring any more. Returns the results
+        newly done."""
+        if self._unread:
+            return []  # some tokens are not read yet
+        out = []
+        for s, x in list(self.live.items()):
+            st = self.schedule.seqs.get(s)
+            if st is None or not st.finished:
+                continue
+            if not x.done:
+                x.done = True
+                _rates(x.res)
+                out.append(x.res)
+                if x.req.on_done is not None:
+                    x.req.on_done(x.res)
+            if st.released:
+                if x.fork is not None:  # it never began: the kept sequence may go
+                    self.prompt_cache.unpin(x.fork[0])
+                    x.fork = None
+                del self.live[s]
+                self.schedule.forget([s])
+        return out
+
+    def idle(self) -> bool:
+        """Nothing to do until a sequence is submitted."""
+        return self.schedule.idle() and not self._unread and not self.live
 
     def generate(self, prompt: list, max_tokens: int, sampler: Sampler, eos_ids=(),
                  on_token: Optional[Callable[[int], bool]] = None) -> GenerationResult:
@@ -139,6 +217,9 @@ class Coordinator:
         s = self.schedule.seqs[action.id]
         live = self.live[action.id]
         live.res.t_start = live.res.t_start or time.perf_counter()
+        if live.fork is not None:
+            self._fork(action.id, *live.fork)
+            live.fork = None
         tokens = mx.array([live.req.prompt[s.sent_prompt: s.sent_prompt + action.length]])
         offset = self.stage.offset(action.id)
         self._forward(Header(OP_FORWARD, action.id, offset=offset), tokens,
@@ -148,6 +229,9 @@ class Coordinator:
         """One decode step of a micro-batch (its rows changed: tell the stages first)."""
         last = self.steps.get(action.id)
         if last is None or last.rows != action.rows:
+            for r in (last.rows if last is not None else []):
+                if r not in action.rows and self._keepable(r):
+                    self._keep(r)  # before the regroup drops its row
             self.stage.group(action.id, action.rows)
             if self.n > 1:
                 self.transport.send(1, Header(OP_GROUP, action.id),
@@ -157,6 +241,7 @@ class Coordinator:
             return
         tokens = self._step_tokens(last, action.rows)  # [B]
         self.steps[action.id] = _Step(list(action.rows), tokens)
+        self._count_step(action.rows)
         self._forward(Header(OP_FORWARD, action.id), tokens[:, None], action.rows)
 
     def _step_tokens(self, last: Optional[_Step], rows: list) -> mx.array:
@@ -168,10 +253,66 @@ class Coordinator:
         return mx.concatenate(parts)
 
     def _send_release(self, action):
-        """Free a sequence's caches on every stage (it finished outside a micro-batch)."""
-        self.stage.release(action.id)
+        """Free a sequence's caches on every stage (it finished outside a micro-batch), or
+        keep them for prompt reuse."""
+        if self._keepable(action.id):
+            self._keep(action.id)
+        else:
+            self._release(action.id)
+
+    def _release(self, seq: int):
+        """Free sequence `seq`'s caches on every stage (kept or not)."""
+        self.stage.release(seq)
         if self.n > 1:
-            self.transport.send(1, Header(OP_RELEASE, action.id))
+            self.transport.send(1, Header(OP_RELEASE, seq))
+
+    # -- prompt reuse -----------------------------------------------------------------------
+
+    def _keepable(self, seq: int) -> bool:
+        """Whether a finished sequence's caches are kept for prompt reuse."""
+        x = self.live.get(seq)
+        return (self.prompt_cache is not None and x is not None and x.req.cache_prompt
+                and x.res.finish_reason in KEPT_REASONS)
+
+    def _keep(self, seq: int):
+        """Keep finished sequence `seq`'s caches on every stage and index its tokens;
+        release what the prompt cache no longer holds."""
+        positions = self.stage.keep(seq)
+        if self.n > 1:
+            self.transport.send(1, Header(OP_KEEP, seq))
+        x = self.live[seq]
+        # Positions hold the prompt, then the generated tokens in order (the last one
+        # sampled was never fed; a row that rode a step after its end fed one more).
+        tokens = (list(x.req.prompt) + x.res.tokens)[:positions]
+        for old in self.prompt_cache.add(seq, tokens, positions):
+            self._release(old)
+
+    def _fork(self, seq: int, source: int, k: int):
+        """Sequence `seq` starts from kept sequence `source`'s first k positions, on every
+        stage."""
+        self.stage.fork(seq, source, k)
+        if self.n > 1:
+            self.transport.send(1, Header(OP_FORK, seq, offset=k), mx.array([source], mx.int32))
+        self.prompt_cache.unpin(source)
+
+    def clear_prompt_cache(self):
+        """Release every kept sequence that no new sequence is about to start from."""
+        if self.prompt_cache is not None:
+            for seq in self.prompt_cache.clear():
+                self._release(seq)
+
+    def _count_step(self, rows: list):
+        """Record a decode step of `rows` (what batching achieved, for a server's stats)."""
+        c = self.counts
+        c["steps"] += 1
+        c["rows"] += len(rows)
+        c["max_rows"] = max(c["max_rows"], len(rows))
+        c["max_decoding"] = max(c["max_decoding"],
+                                sum(len(st.rows) for st in self.steps.values()))
+        for r in rows:
+            x = self.live.get(r)
+            if x is not None:
+                x.res.batched_with = max(x.res.batched_with, len(rows) - 1)
 
     def _forward(self, header: Header, tokens: mx.array, rows: Optional[list]):
         """Embed tokens [B, L], run rank 0's layers, pass them on (or finish locally);
@@ -190,6 +331,7 @@ class Coordinator:
             return
         header.flags = FLAG_RETURN if rows is not None else 0
         self.transport.send(1, header, self.stage.timed(h))
+        self._ahead.append(rows is not None)
 
     def _sample(self, h: mx.array, rows: list) -> tuple:
         """(logits [B, V], tokens [B]) of the last position of each row of h (lazy)."""
@@ -203,10 +345,14 @@ class Coordinator:
         if self.n == 1:
             logits, tokens = self._local.popleft()
         else:  # an ABORT raises PeerLost in recv
-            header, h = self._early.popleft() if self._early else self.transport.recv(self.n - 1)
+            if self._early:
+                header, h = self._early.popleft()
+            else:
+                header, h = self.transport.recv(self.n - 1, self._deadline(self._answered()))
             if header.op != OP_FORWARD or header.seq != id:
                 raise RuntimeError(f"coordinator expected the result of {id}, got op "
                                    f"{header.op} for {header.seq}")
+            self.heard = time.monotonic()
             seqs = self.steps[id].rows if id in self.steps else [id]
             logits, tokens = self._sample(h, seqs)
         rows = self.schedule.received(id)
@@ -263,14 +409,33 @@ class Coordinator:
         if self.n > 1:
             self.transport.send(1, Header(OP_STATS), table)
             while True:
-                header, payload = self.transport.recv(self.n - 1)
+                behind = len(self._ahead) + 1  # the stats message comes after all of them
+                header, payload = self.transport.recv(self.n - 1, self._deadline(behind))
                 if header.op != OP_FORWARD:
                     break
+                self._answered()
                 self._early.append((header, payload))
             if header.op != OP_STATS:
                 raise RuntimeError(f"expected the stats message back, got op {header.op}")
             table = payload
+        self.heard = time.monotonic()
         return table.tolist()
+
+    def _answered(self) -> int:
+        """A result comes back: the messages it answers for, up to and including its own."""
+        n = 0
+        while self._ahead:
+            n += 1
+            if self._ahead.popleft():
+                break
+        return max(n, 1)
+
+    def _deadline(self, messages: int) -> float:
+        """How long to wait for a message from the last rank that comes back behind
+        `messages` forward messages: the transport's deadline (--timeout once warm) for
+        each, as a long prompt's chunks queue at the slowest stage and only the last one
+        answers. A rank that dies is still seen at once (its socket closes)."""
+        return self.transport.deadline() * messages
 
     def stop(self, timeout: float = 30.0):
         """Tell every stage to exit and wait until the message has gone round the ring."""

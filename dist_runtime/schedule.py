@@ -21,6 +21,10 @@ device never waits for the host): `received` counts a token for every row at onc
 `stopped` ends a row later (end of sequence, a stop string), and a row that stopped
 has then ridden one step for nothing.
 
+A sequence may start part-way into its prompt (`add(..., start=k)`): its first k
+positions come from a kept sequence's caches (prompt reuse, dist_runtime/prompt_cache.py),
+and only the rest is cut into chunks.
+
 The policy is a pure object over ids; sequences and micro-batches share one id space
 (the header's `seq` field). `simulate` plays it on N unit-time stages and prints the
 plan as a grid of steps by rank, so plans are tested with no hosts at all.
@@ -63,7 +67,9 @@ class SeqState:
     prompt_len: int
     max_new: int
     chunk: int
-    sent_prompt: int = 0  # prompt positions already sent
+    sent_prompt: int = 0  # prompt positions already sent (or reused: they start at `start`)
+    start: int = 0  # prompt positions reused from a kept sequence, never sent
+    began: bool = False  # its first chunk went: it holds caches on the stages
     generated: int = 0  # tokens produced so far (counted when their step came back)
     waiting: bool = False  # its prompt's result is outstanding
     finished: bool = False
@@ -139,10 +145,15 @@ class Schedule:
         self._next_id += 1
         return self._next_id
 
-    def add(self, prompt_len: int, max_new: int) -> SeqState:
-        """A sequence to generate; its prompt is cut as `chunk_size` says."""
+    def add(self, prompt_len: int, max_new: int, start: int = 0) -> SeqState:
+        """A sequence to generate; its prompt from position `start` on (the positions
+        before it are reused) is cut as `chunk_size` says."""
+        if not 0 <= start < prompt_len:
+            raise ValueError(f"a sequence reuses {start} of its {prompt_len} prompt positions; "
+                             f"at least the last one must be sent")
         s = SeqState(self.new_id(), prompt_len, max_new,
-                     chunk_size(prompt_len, self.n_stages, self.largest_chunk))
+                     chunk_size(prompt_len - start, self.n_stages, self.largest_chunk),
+                     sent_prompt=start, start=start)
         self.seqs[s.seq] = s
         return s
 
@@ -152,7 +163,7 @@ class Schedule:
         """The next thing the coordinator should do."""
         for s in self.seqs.values():
             if s.finished and not s.released and s.mb is None and not s.waiting \
-                    and s.sent_prompt:
+                    and s.began:
                 return Action(RELEASE, s.seq)
         joiners = [s.seq for s in self.seqs.values() if s.joining]
         for mb in self.mbs.values():
@@ -179,10 +190,10 @@ class Schedule:
         """The sequence whose prompt chunk may go now, if any."""
         if self.mbs and self._chunk_credit <= 0:
             return None  # decode first: a chunk's worth of positions per step sent
-        started = sum(1 for s in self.seqs.values() if s.sent_prompt and not s.finished)
+        started = sum(1 for s in self.seqs.values() if s.began and not s.finished)
         ready = [s for s in self.seqs.values()
                  if s.in_prefill and not s.waiting and not s.finished
-                 and (s.sent_prompt or self.max_batch is None or started < self.max_batch)]
+                 and (s.began or self.max_batch is None or started < self.max_batch)]
         return min(ready, key=lambda s: (s.last_sent, s.seq)) if ready else None
 
     # -- what happened ------------------------------------------------------------------
@@ -209,6 +220,7 @@ class Schedule:
             return
         s = self.seqs[action.id]
         s.last_sent, self.clock = self.clock, self.clock + 1
+        s.began = True
         s.sent_prompt += action.length
         self._chunk_credit -= action.length
         if action.wants_result:
@@ -233,8 +245,12 @@ class Schedule:
         return [s.seq for s in rows]
 
     def stopped(self, seq: int):
-        """Sequence `seq` ends early (end of sequence, a stop string)."""
-        self.seqs[seq].finished = True
+        """Sequence `seq` ends early (end of sequence, a stop string, a cancel). One that
+        never began holds nothing anywhere: it counts as released at once."""
+        s = self.seqs[seq]
+        s.finished = True
+        if not s.began and not s.waiting:
+            s.released = True
 
     def forget(self, seqs):
         """Drop finished sequences that no longer hold anything anywhere."""
@@ -246,7 +262,7 @@ class Schedule:
     def idle(self) -> bool:
         """Nothing started and unfinished: no work, no micro-batch, nothing in flight."""
         return not self.mbs and not self.outstanding and all(
-            s.finished and (s.released or not s.sent_prompt) for s in self.seqs.values())
+            s.finished and (s.released or not s.began) for s in self.seqs.values())
 
 
 def simulate(schedule: Schedule, n_stages: int, max_steps: int = 10_000,

@@ -5,7 +5,9 @@ how to run a message through its layers (the model's `forward_layers`): a prompt
 of one sequence, with that sequence's own caches, or a decode step of a micro-batch,
 whose rows' caches are packed into one batch cache per layer (models/batch_cache.py).
 Sequences and micro-batches share one id space. A sequence's own caches move into a
-micro-batch when it joins (`group`), and are dropped when it leaves or is released. It
+micro-batch when it joins (`group`), and are dropped when it leaves or is released. A
+finished sequence's caches may instead be kept (`keep`, for prompt reuse: a later
+sequence starts from a copy of their first k positions, `fork`) until released. It
 counts the time it computes. It knows nothing of sockets: the loop at the bottom pairs
 it with a Transport.
 """
@@ -17,9 +19,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from dist_runtime.transport import (FLAG_RETURN, OP_FORWARD, OP_GROUP, OP_RELEASE, OP_STATS,
-                                    Header, TransportError)
-from models.batch_cache import BatchKVCache
+from dist_runtime.transport import (FLAG_RETURN, OP_FORK, OP_FORWARD, OP_GROUP, OP_KEEP,
+                                    OP_RELEASE, OP_STATS, Header, TransportError)
+from models.batch_cache import BatchKVCache, row_cache
 
 
 class Stage:
@@ -29,6 +31,7 @@ class Stage:
         self.model, self.index, self.n_stages = model, index, n_stages
         self.caches: dict = {}  # sequence id -> list of caches, one per owned layer
         self.batches: dict = {}  # micro-batch id -> (sequence ids, batch cache per layer)
+        self.kept: dict = {}  # finished sequence id -> its caches, kept for prompt reuse
         self._busy_s = 0.0  # seconds spent computing (for the benchmark's busy fraction)
 
     @property
@@ -94,6 +97,40 @@ class Stage:
             self.caches.pop(s, None)  # moved into the batch
         self.batches[id] = (list(seqs), layers)
 
+    def keep(self, seq: int) -> int:
+        """Keep finished sequence `seq`'s caches (its own, or a copy of its row of a
+        micro-batch, which it is about to leave) for prompt reuse; returns its positions."""
+        caches = self.caches.pop(seq, None)
+        if caches is None:
+            for seqs, layers in self.batches.values():
+                if seq in seqs:
+                    i = seqs.index(seq)
+                    caches = [row_cache(c.rows()[i]) if isinstance(c, BatchKVCache) else c
+                              for c in layers]
+                    break
+        if caches is None:
+            raise TransportError(f"stage {self.index}: sequence {seq} is to be kept but this "
+                                 f"stage holds no cache for it")
+        # Copied now, while the batch's buffers are alive: the copies then hold nothing
+        # of the batch once it is re-packed.
+        mx.eval([a for c in caches for a in (c.keys, c.values) if a is not None])
+        self.kept[seq] = caches
+        return caches[0].offset if caches else 0
+
+    def fork(self, seq: int, source: int, k: int):
+        """Sequence `seq` starts from a copy of kept sequence `source`'s first k positions."""
+        if source not in self.kept:
+            raise TransportError(f"stage {self.index}: sequence {seq} is to start from kept "
+                                 f"sequence {source}, which this stage does not hold")
+        if seq in self.caches or any(seq in seqs for seqs, _ in self.batches.values()):
+            raise TransportError(f"stage {self.index}: sequence {seq} is to start from kept "
+                                 f"sequence {source} but already has caches")
+        try:
+            self.caches[seq] = [c.prefix(k) for c in self.kept[source]]
+        except ValueError as e:
+            raise TransportError(f"stage {self.index}: sequence {seq} cannot start from "
+                                 f"{k} positions of kept sequence {source}: {e}")
+
     def live(self) -> int:
         """Sequences whose caches this stage holds (alone or as a micro-batch's rows)."""
         return len(self.caches) + sum(len(seqs) for seqs, _ in self.batches.values())
@@ -107,9 +144,11 @@ class Stage:
         return self.model.head(h[:, -1:])[:, 0]
 
     def take_stats(self) -> list:
-        """[busy seconds, peak memory GB] since the last call (resets both), and the number
-        of sequences whose caches this stage holds now."""
-        out = [self._busy_s, mx.get_peak_memory() / 1e9, self.live()]
+        """[busy seconds, peak memory GB] since the last call (resets both), the number of
+        sequences whose caches this stage holds now (being generated, and kept for reuse),
+        and the memory in use now (GB)."""
+        out = [self._busy_s, mx.get_peak_memory() / 1e9, self.live(), len(self.kept),
+               mx.get_active_memory() / 1e9]
         self._busy_s = 0.0
         mx.reset_peak_memory()
         return out
@@ -121,8 +160,9 @@ class Stage:
         return table
 
     def release(self, seq: int):
-        """Free sequence `seq`'s caches."""
+        """Free sequence `seq`'s caches (those of a sequence in progress, or kept ones)."""
         self.caches.pop(seq, None)
+        self.kept.pop(seq, None)
 
 
 def stage_loop(stage: Stage, transport, first_timeout: float):
@@ -153,10 +193,15 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
             if not stage.is_last:
                 transport.send(nxt, header, h if h is not None else mx.zeros((0,), mx.int32))
             continue
-        if header.op == OP_RELEASE:
-            stage.release(header.seq)
+        if header.op in (OP_RELEASE, OP_KEEP):
+            (stage.release if header.op == OP_RELEASE else stage.keep)(header.seq)
             if not stage.is_last:
                 transport.send(nxt, Header(header.op, header.seq))
+            continue
+        if header.op == OP_FORK:
+            stage.fork(header.seq, int(h[0].item()), header.offset)
+            if not stage.is_last:
+                transport.send(nxt, Header(header.op, header.seq, offset=header.offset), h)
             continue
         # STOP goes round the whole ring, so rank 0 learns every stage got it.
         transport.send(nxt, Header(header.op, header.seq))

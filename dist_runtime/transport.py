@@ -10,7 +10,10 @@ error naming both ranks, never a hang or a silently misread buffer.
 Payloads by op: FORWARD, a hidden state [batch, length, width] (a prompt chunk of a
 sequence, or one position of each row of a micro-batch); GROUP, the micro-batch's
 sequence ids [batch] (its rows from now on); STATS, a table [ranks, STATS_FIELDS];
-ABORT, a Blame (dist_runtime/faults.py); RELEASE and STOP, none.
+ABORT, a Blame (dist_runtime/faults.py); FORK, the id [1] of the kept sequence whose
+first `offset` positions sequence `seq` starts from (prompt reuse); RELEASE (free a
+sequence's caches, kept or not), KEEP (keep a finished sequence's caches for reuse)
+and STOP, none.
 Every blocking wait goes through `Faults.wait`, which holds the deadline and decides
 whom to blame when a wait fails; this module only frames.
 """
@@ -27,7 +30,10 @@ from dist_runtime.faults import Blame, Faults
 
 HEADER_LEN = 8
 OP_FORWARD, OP_RELEASE, OP_STOP, OP_ABORT, OP_STATS, OP_GROUP = 1, 2, 3, 4, 5, 6
-STATS_FIELDS = 3  # per rank in an OP_STATS payload: busy seconds, peak memory GB, live caches
+OP_KEEP, OP_FORK = 7, 8
+# Per rank in an OP_STATS payload: busy seconds, peak memory GB, live caches (sequences
+# being generated), kept caches (finished sequences kept for prompt reuse), memory in use GB.
+STATS_FIELDS = 5
 FLAG_RETURN = 1  # the last stage sends the last position's hidden state back to rank 0
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
@@ -149,6 +155,8 @@ class Transport:
             return (self.size, STATS_FIELDS), mx.float32
         if header.op == OP_GROUP:
             return ((header.batch,), mx.int32) if header.batch else (None, None)
+        if header.op == OP_FORK:
+            return (1,), mx.int32
         if header.op != OP_FORWARD:
             return None, None
         if header.width != self.width or not 0 <= header.dtype < len(DTYPES) \

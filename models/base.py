@@ -350,6 +350,12 @@ class PipelineMixin:
         """[(global_index, layer)] for the layers this stage holds, in order."""
         return [(i, l) for i, l in enumerate(self.layers) if l is not None]
 
+    def reuse_floor(self, positions: int) -> int:
+        """The shortest prefix that a finished sequence's caches, holding `positions`
+        positions, can still give a new sequence (prompt reuse): 0 where every layer of
+        the model (owned by any stage) keeps every key."""
+        return 0
+
     def make_caches(self) -> list:
         """One plain KV cache per owned layer (models with other caches override)."""
         from .cache import KVCache

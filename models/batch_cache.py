@@ -38,6 +38,15 @@ class Row:
     chunk: Optional[int] = None
 
 
+def row_cache(row: Row):
+    """A sequence's own cache (KVCache or ChunkedKVCache) holding a copy of a Row: what a
+    row leaving its micro-batch keeps (prompt reuse), in a buffer of its own."""
+    from .cache import KVCache
+
+    proto = KVCache() if row.chunk is None else ChunkedKVCache(row.chunk)
+    return proto.holding(row.position - row.keys.shape[2], row.keys, row.values)
+
+
 def cache_row(cache) -> Row:
     """A sequence's own cache (KVCache or ChunkedKVCache) as a Row."""
     kept = cache.offset - cache.start

@@ -3,6 +3,10 @@
 `KVCache` keeps every position. `ChunkedKVCache` serves Llama-4's chunked local
 attention: a query only sees keys of its own chunk, so the cache drops every key before
 the current chunk's start and remembers that start (absolute position) for the mask.
+
+`prefix(k)` copies a cache's first k positions into a new cache of the same kind (prompt
+reuse: a new sequence starts from a finished one's prefix); a chunked cache can give only
+the prefixes that end at or after the first key it kept (`start`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,29 @@ class KVCache:
             return 0
         return self.keys.nbytes + self.values.nbytes
 
+    def _empty(self) -> "KVCache":
+        """A new, empty cache of the same kind."""
+        return KVCache()
+
+    def holding(self, start: int, keys, values) -> "KVCache":
+        """A new cache of this kind whose kept keys/values [1, H, s, Dh] (copied into a
+        buffer of its own) cover positions start .. start+s-1."""
+        c = self._empty()
+        c.start = c.offset = start
+        if keys is not None and keys.shape[2]:
+            c._append(keys, values)
+        return c
+
+    def prefix(self, k: int) -> "KVCache":
+        """A new cache holding a copy of this one's positions 0 .. k-1 (lazily)."""
+        if not self.start <= k <= self.offset:
+            raise ValueError(f"a cache holding positions {self.start}..{self.offset - 1} "
+                             f"cannot give a prefix of {k}")
+        n = k - self.start
+        keys = self.keys[:, :, :n] if n else None
+        values = self.values[:, :, :n] if n else None
+        return self.holding(self.start, keys, values)
+
 
 class ChunkedKVCache(KVCache):
     """Cache for chunked local attention: keeps only keys of the current chunk and later.
@@ -63,6 +90,15 @@ class ChunkedKVCache(KVCache):
     def __init__(self, chunk_size: int):
         super().__init__()
         self.chunk_size = chunk_size
+
+    def _empty(self) -> "ChunkedKVCache":
+        return ChunkedKVCache(self.chunk_size)
+
+    def prefix(self, k: int) -> "ChunkedKVCache":
+        """As KVCache.prefix, then only the keys that position k's chunk still needs."""
+        c = super().prefix(k)
+        c.trim()
+        return c
 
     def trim(self):
         """Drop keys before the chunk that position `offset` (the next query) belongs to."""

@@ -379,6 +379,14 @@ class Model(nn.Module, PipelineMixin):
         return [ChunkedKVCache(chunk) if self.text.is_chunked(i) else KVCache()
                 for i, _ in self.owned_layers()]
 
+    def reuse_floor(self, positions: int) -> int:
+        """Chunked layers (on any stage) keep only the current chunk's keys: a prefix must
+        end in the chunk that the caches' last position is in."""
+        if not any(self.text.is_chunked(i) for i in range(self.text.num_hidden_layers)):
+            return 0
+        chunk = self.text.attention_chunk_size
+        return (positions // chunk) * chunk
+
     def forward_layer(self, index: int, layer, h: mx.array, cache) -> mx.array:
         """One owned layer, with the mask its global index calls for: h [B, L, D]."""
         n = h.shape[1]

@@ -44,7 +44,8 @@ def alive(pid: int) -> bool:
 
 
 class LiveJob:
-    """One mlx.launch job on n local ranks (n == 1: plain python)."""
+    """One mlx.launch job on n local ranks (n == 1: plain python) of launch/run.py, or of
+    another script (`script`, relative to the repository)."""
 
     def __init__(self, n: int, args: list, env=None, hostfile=None, start: bool = False,
                  session: bool = False, script=None):
@@ -54,7 +55,7 @@ class LiveJob:
         self.n = n
         self.marker = uuid.uuid4().hex
         full_env = dict(os.environ, **(env or {}), **{MARKER_VAR: self.marker})
-        script = str(script or ROOT / "launch/run.py")
+        script = str(ROOT / (script or "launch/run.py"))
         if n == 1:
             cmd = [sys.executable, script, *args]
         else:
