@@ -38,7 +38,8 @@ import threading
 import time
 from typing import Callable, Optional
 
-from dist_runtime.faults import LOST, SILENT, Blame, explained_by_suspension, suspended_message
+from dist_runtime.faults import (LOST, SILENT, Blame, explained_by_suspension, recent_gap,
+                                  suspended_message)
 
 BEAT_S = 0.5  # s between heartbeats
 TICK_S = 0.25  # the thread looks at its sockets and clocks this often
@@ -379,8 +380,8 @@ class Liveness:
 
     def describe(self, blame: Blame) -> str:
         """The error line for `blame`, or this rank's own suspension if that explains it."""
-        gap = self.suspended_for(self.timeout * 4 + 10)
-        if gap and explained_by_suspension(blame, self.rank):
+        gap = recent_gap(lambda: self.suspended_for(self.timeout * 4 + 10), blame, self.rank)
+        if gap and explained_by_suspension(blame, self.rank, gap, self.timeout):
             return suspended_message(gap)
         return blame.describe(self.names, self.rank)
 
@@ -410,10 +411,25 @@ class Liveness:
             self.ending = True
 
     def bye(self, blame: Blame):
-        """Tell every rank why this one exits (before os._exit)."""
+        """Tell every rank why this one exits (before os._exit). Unread bytes are read
+        first: a socket closed with unread bytes resets the connection, and the reset can
+        destroy the word before the peer reads it."""
         self.ending = True
+        with self._lock:
+            socks = [p.sock for p in self.peers.values() if p.sock is not None]
+        for sock in socks:
+            try:
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass  # nothing more to read (or gone)
         self._send_all(f"bye {blame.rank} {blame.reason} {blame.reporter} {blame.seconds} "
                        f"{blame.sig}\n".encode())
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_WR)  # the word, then end of stream
+            except OSError:
+                pass
 
     def finish(self):
         """The job ended normally on this rank: say so and stop watching. The sockets are

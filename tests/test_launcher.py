@@ -98,15 +98,20 @@ def test_ranks_stop_when_mlx_launch_is_killed(tmp_path, phase):
 def test_a_stop_before_the_rank_can_block_signals_is_still_reported():
     """Each rank gets SIGTERM before Python starts. Under launch/start.py the signal is
     blocked from the start (inherited) and waits for the rank's signal thread: every
-    rank says it was stopped and exits 143, and so does the launcher."""
+    rank says why it stops (a bare mlx.launch: killed by the signal, without a word).
+    Each waits a second for news before it reports the signal; a rank whose start
+    fails first because the others stopped says that instead."""
     env = {"PIPELINE_TEST_PYTHON": sys.executable}
     with LiveJob(3, THREE, start=True, env=env,
                  script=ROOT / "tests/jobs/signalled_at_start.sh") as job:
         rc = job.wait(40)
+        codes = job.exit_codes
         assert set(job.errors) == {0, 1, 2}, f"a rank said nothing:\n{job.report()}"
-        assert all("SIGTERM" in e[0] for e in job.errors.values()), job.report()
-        assert job.exit_codes == {0: 143, 1: 143, 2: 143}, job.report()
-        assert rc == 143
+        for r, errors in job.errors.items():
+            assert codes[r] != 143 or "stopped by SIGTERM" in errors[0], job.report()
+        assert list(codes.values()).count(143) >= 1, codes  # at least the first to stop
+        assert all(c in (2, 3, 143) for c in codes.values()), codes  # not -15: a line
+        assert rc == job_status(codes) != 0
         assert job.leftovers() == []
 
 
