@@ -198,7 +198,8 @@ class Liveness:
             except (OSError, ValueError):
                 readable = []  # a socket closed under us: look again
             now = time.monotonic()
-            if now - last_tick > SUSPEND_GAP_S:  # this process did not run
+            gap = now - last_tick > SUSPEND_GAP_S  # this process (or thread) did not run
+            if gap:
                 self._suspended = (now, now - last_tick)
             last_tick = now
             for s in readable:
@@ -206,6 +207,12 @@ class Liveness:
                     self._accept()
                 else:
                     self._read(s, now)
+            if gap:
+                # The others' silence during our own gap says nothing (their beats queued
+                # meanwhile have just been read): their clocks start again now.
+                with self._lock:
+                    for p in self.peers.values():
+                        p.last = max(p.last, now)
             if now - last_beat >= BEAT_S:
                 last_beat = now
                 self._send_all(b"b\n")
@@ -307,11 +314,6 @@ class Liveness:
         with self._lock:
             if self.ending or self._acted or self.closed:
                 return
-            if self.suspended_for(self.timeout * 4):
-                # Our own gap: the others' silence during it says nothing (their beats
-                # queued meanwhile have been read). Deaths and last words still count.
-                for p in self.peers.values():
-                    p.last = max(p.last, now - BEAT_S)
             for p in self.peers.values():
                 if p.state == GONE and self.verdict is None and now - p.gone_at >= GONE_GRACE_S:
                     self.verdict = Blame(p.rank, LOST, self.rank)  # it died without a word
