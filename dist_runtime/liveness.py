@@ -362,12 +362,12 @@ class Liveness:
             while True:
                 if self.verdict is not None:
                     return self.verdict
+                words = [p for p in self.peers.values() if p.word is not None]
+                if words:  # why the others exit: the cause, where a death is its effect
+                    return min(words, key=lambda p: p.word_at).word
                 gone = [p for p in self.peers.values() if p.state == GONE]
                 if gone and not self.ending:
                     return Blame(min(gone, key=lambda p: p.gone_at).rank, LOST, self.rank)
-                words = [p for p in self.peers.values() if p.word is not None]
-                if words:
-                    return min(words, key=lambda p: p.word_at).word
                 left = end - time.monotonic()
                 if left <= 0 or self.closed:
                     return None
@@ -401,9 +401,9 @@ class Liveness:
             except OSError:
                 pass  # read side sees the close
 
-    def _send_all(self, data: bytes):
+    def _send_all(self, data: bytes, states=(UP,)):
         with self._lock:
-            peers = [p for p in self.peers.values() if p.sock is not None and p.state == UP]
+            peers = [p for p in self.peers.values() if p.sock is not None and p.state in states]
         for p in peers:
             self._send(p, data)
 
@@ -425,8 +425,10 @@ class Liveness:
                     pass
             except OSError:
                 pass  # nothing more to read (or gone)
+        # A silent rank gets the word too: if it was only stopped, it reads it when it
+        # runs again, and says that the others gave up on it.
         self._send_all(f"bye {blame.rank} {blame.reason} {blame.reporter} {blame.seconds} "
-                       f"{blame.sig}\n".encode())
+                       f"{blame.sig}\n".encode(), states=(UP, SILENT_STATE))
         for sock in socks:
             try:
                 sock.shutdown(socket.SHUT_WR)  # the word, then end of stream
