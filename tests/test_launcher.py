@@ -43,8 +43,8 @@ def check_all_stopped(job, exits, status=None):
 def wait_text(job):
     """Until rank 0 has streamed some text (a load average of 10 makes fixed sleeps
     unreliable)."""
-    job.wait_stages()
-    job.wait_for(lambda: len(job.stdout) > 20, 60, "generated text")
+    job.wait_stages(25)
+    job.wait_for(lambda: len(job.stdout) > 20, 15, "generated text")
 
 
 @pytest.mark.timeout(60)
