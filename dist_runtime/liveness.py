@@ -18,12 +18,13 @@ What to do about it is the owner's (dist_runtime/job.py): `on_verdict(blame)` is
 once, from this module's thread, when this rank should stop; `word(peer)` and `culprit()`
 answer the main thread's and the signal thread's questions.
 
-Addresses: each rank listens on an ephemeral TCP port (or `--liveness-port` + rank) on
-its ring address (127.0.0.1 for a local ring) or, for a ring across hosts, on every
-interface; the addresses travel in the job's first exchange, the ring's IP first, then the
-host's other IPv4 addresses (in a Thunderbolt ring a rank reaches only its neighbours'
-ring IPs, and the others over the LAN). A peer that cannot be reached is left unwatched,
-with a warning: the deadlines of dist_runtime/faults.py still cover it.
+Addresses: once the ring has connected, each rank listens on its ring port's number
+again (mlx's ring closes its listener then; `--liveness-port P` picks P + rank instead),
+on 127.0.0.1 for a local ring or, for a ring across hosts, on every interface; the
+addresses travel in the job's first exchange, the ring's IP first, then the host's other
+IPv4 addresses (in a Thunderbolt ring a rank reaches only its neighbours' ring IPs, and
+the others over the LAN). A peer that cannot be reached is left unwatched, with a
+warning: the deadlines of dist_runtime/faults.py still cover it.
 """
 
 from __future__ import annotations
@@ -55,19 +56,20 @@ CONNECTING, UP, DONE, LEFT, GONE, SILENT_STATE, UNWATCHED = (
     "connecting", "up", "done", "left", "gone", "silent", "unwatched")
 
 
-def ring_ip(rank: int) -> Optional[str]:
-    """This rank's IP in the ring backend's address list (MLX_HOSTFILE), or None."""
+def ring_address(rank: int) -> tuple:
+    """(IP, port) of this rank's first address in the ring backend's list (MLX_HOSTFILE),
+    or (None, 0)."""
     path = os.environ.get("MLX_HOSTFILE")
     if not path:
-        return None
+        return None, 0
     try:
         with open(path) as f:
             nodes = json.load(f)
-        ip = nodes[rank][0].rpartition(":")[0]
+        ip, _, port = nodes[rank][0].rpartition(":")
         ipaddress.ip_address(ip)
-        return ip
+        return ip, int(port)
     except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError):
-        return None
+        return None, 0
 
 
 def host_ips() -> list:
@@ -108,14 +110,17 @@ class Liveness:
         self.names = [f"rank {r}" for r in range(size)]
         self.token = ""
         self.on_verdict: Optional[Callable[[Blame], None]] = None
-        ip = ring_ip(rank)
+        ip, ring_port = ring_address(rank)
         local = ip is None or ipaddress.ip_address(ip).is_loopback
         bind = "127.0.0.1" if local else "0.0.0.0"
         self.ips = ["127.0.0.1"] if local else \
             list(dict.fromkeys([ip, *host_ips()]))[:MAX_IPS]
         self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind((bind, port + rank if port else 0))
+        # The ring's own port number, free again once the ring has connected: a job
+        # takes no port beyond its ring's (an ephemeral port could be another job's ring
+        # port, which would then connect here); --liveness-port pins another.
+        self.server.bind((bind, port + rank if port else ring_port))
         self.server.listen(max(size, 4))
         self.server.setblocking(False)
         self.port = self.server.getsockname()[1]
