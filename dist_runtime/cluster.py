@@ -115,6 +115,9 @@ def init_group(guard=None, timeout: Optional[float] = None):
                     f"at {', '.join(addrs[nxt])}: check that these IPs belong to the hosts "
                     f"(python launch/hostfile.py check HOSTFILE), that rank {nxt} started, "
                     f"and that no firewall blocks the ports")
+        if "error: 98)" in str(e) or "error: 48)" in str(e):  # EADDRINUSE (Linux, macOS)
+            hint += ("; error 98/48 means the port is in use: another job (or its liveness "
+                     "channel) may hold it: start this one with --starting-port PORT")
         raise StartError(f"could not join the group: {e}{hint}") from e
     finally:
         if guard is not None:

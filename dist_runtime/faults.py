@@ -49,6 +49,7 @@ NOTIFY_S = 1.0  # s at most spent sending an ABORT on the way out
 LISTEN_S = 0.5  # s a rank whose next rank vanished listens upstream for the reason
 TICK_S = 0.25  # the watchdog wakes this often, to notice when the process was suspended
 SUSPEND_GAP_S = 1.5  # a tick this late means the process did not run (SIGSTOP, host sleep)
+SETTLE_S = 0.5  # s a rank the others blame waits for its ticking threads to see its own gap
 
 
 class PeerLost(RuntimeError):
@@ -129,10 +130,26 @@ def suspended_message(gap: float) -> str:
             f"slept), longer than the other ranks wait for it; they have given up on it")
 
 
-def explained_by_suspension(blame: Optional[Blame], me: int) -> bool:
-    """Whether a recent suspension of this rank explains `blame`: one that names this
-    rank, or a deadline of its own that ran out (or none yet)."""
-    return blame is None or blame.rank == me or blame.reason in (TIMEOUT, SEND_TIMEOUT)
+def explained_by_suspension(blame: Optional[Blame], me: int, gap: float = 0.0,
+                            patience: float = float("inf")) -> bool:
+    """Whether a suspension of this rank for `gap` s explains `blame`: one that names
+    this rank, a deadline of its own that ran out (or none yet), or a rank gone while
+    this one was away longer than the others wait (`patience`): they gave up on it."""
+    return blame is None or blame.rank == me or blame.reason in (TIMEOUT, SEND_TIMEOUT) \
+        or (blame.reason == LOST and gap >= patience)
+
+
+def recent_gap(suspended: Callable[[], float], blame: Optional[Blame], me: int) -> float:
+    """`suspended()`, waiting up to SETTLE_S when `blame` names this rank: just resumed,
+    the thread that asks may run before the ticking threads have recorded the gap."""
+    gap = suspended()
+    if gap or not (blame is None or blame.rank == me):
+        return gap
+    end = time.monotonic() + SETTLE_S
+    while not gap and time.monotonic() < end:
+        time.sleep(0.05)
+        gap = suspended()
+    return gap
 
 
 class Watchdog:
@@ -195,8 +212,9 @@ class Watchdog:
                     self._cond.wait(min(left, TICK_S))
                 what, action = self._what, self._action or self.on_expire
                 self._deadline = self._action = None
-            action(what)
+            action(what)  # may take a while (a bounded ABORT send): not a suspension
             action = None
+            last = time.monotonic()
 
 
 class Link(Protocol):
@@ -354,10 +372,10 @@ class Faults:
         when that explains it (its deadline ran out, or the others blame it), never for
         another rank's death."""
         blame = blame or self.blame
-        if explained_by_suspension(blame, self.rank):
-            gap = self._suspended()
-            if gap:
-                return suspended_message(gap)
+        gap = recent_gap(self._suspended, blame, self.rank)
+        patience = min(self.timeout, self.liveness.timeout if self.liveness else self.timeout)
+        if gap and explained_by_suspension(blame, self.rank, gap, patience):
+            return suspended_message(gap)
         return blame.describe(self.names, self.rank)
 
     def notify(self, blame: Blame):

@@ -246,10 +246,11 @@ def join_job(group, life, watchdog, args, argv: list) -> Optional[Liveness]:
         try:
             liveness = Liveness(rank, n, args.heartbeat_timeout, args.liveness_port, watchdog)
         except OSError as e:
-            port = f" (--liveness-port {args.liveness_port} + {rank})" if args.liveness_port \
-                else ""
-            raise StartError(f"cannot open the liveness channel's port{port}: {e.strerror or e}; "
-                             f"pass another --liveness-port, or 0 for any free port") from e
+            port = f"--liveness-port {args.liveness_port} + {rank}" if args.liveness_port \
+                else "this rank's ring port"
+            raise StartError(f"cannot open the liveness channel's port ({port}) again after "
+                             f"the ring connected: {e.strerror or e}; another program took "
+                             f"it: pass --liveness-port PORT (rank r listens on PORT + r)") from e
     mine = {"host": socket.gethostname(), **job_identity(argv),
             "live": liveness.address() if liveness is not None else None}
     rows = gather_json(group, mine, INFO_BYTES, watchdog, args.load_timeout, kind="job")

@@ -11,7 +11,7 @@ A rank stops for one of three reasons:
 - a signal sent to it. A SIGTERM usually means another rank failed first (mlx.launch's
   reaction), so the rank waits up to TERM_GRACE_S for the news (the ring's ABORT, or the
   liveness channel of dist_runtime/liveness.py) and names that rank; failing that, it
-  reports the signal. SIGINT on the coordinator (Ctrl-C) stops at once.
+  reports the signal. SIGINT on the coordinator (Ctrl-C) stops it at once.
 - a stop relayed by the launcher: launch/start.py writes `mlx-pipeline: stop SIGINT`
   (or SIGTERM) to mlx.launch's stdin, which mlx.launch copies to every rank's stdin, on
   every host. The rank stops at once, as if it had been sent that signal itself.
@@ -20,7 +20,10 @@ A rank stops for one of three reasons:
   changes, or SIGHUP arrives. Nothing would read the rank's output any more, so it stops
   rather than run on for hours holding its memory.
 A rank stopped by any of these tells the next rank (an ABORT naming itself), so the rest
-of the ring stops even without mlx.launch.
+of the ring stops even without mlx.launch. A stop that reaches every rank (from the
+launcher, or its loss) stops the coordinator at once, and the other ranks wait up to
+TERM_GRACE_S for its news, so that the coordinator reports the stop itself (its summary's
+finish_reason says why) rather than another rank's.
 
 Every exit for an error goes through `exit_with_error`: one error line per rank, the
 others told (the ring's ABORT, the liveness channel's last word), the coordinator's text
@@ -206,13 +209,16 @@ class Lifecycle:
             if self._stopping:
                 return
             self._stopping = True
-        from dist_runtime.faults import ORPHANED, STOPPED, Blame
+        from dist_runtime.faults import ORPHANED, SILENT, STOPPED, TIMEOUT, Blame
 
         name = signal.Signals(sig).name
-        requested = source == LAUNCHER or (sig == signal.SIGINT and self.rank == 0)
-        if not requested:
+        first = self.rank in (0, None) and (source in (LAUNCHER, ORPHAN)
+                                            or sig == signal.SIGINT)
+        if not first:
             # A signal to one rank usually means another failed (mlx.launch's reaction),
-            # and a lost launcher loses every rank at once: let the news arrive first.
+            # a lost launcher loses every rank at once, and a stop from the launcher
+            # reaches every rank: let the coordinator stop first (it prints what it had)
+            # and the news arrive.
             end = time.monotonic() + TERM_GRACE_S
             while time.monotonic() < end and not self.exiting:
                 time.sleep(0.02)
@@ -225,7 +231,8 @@ class Lifecycle:
         if source == LAUNCHER:
             blame = None  # every rank was asked to stop: each says so itself
         me = self.rank if self.rank is not None else -1
-        if blame is not None and blame.rank != me and blame.reason != ORPHANED:
+        gave_up = blame is not None and blame.rank == me and blame.reason in (SILENT, TIMEOUT)
+        if blame is not None and (blame.rank != me or gave_up) and blame.reason != ORPHANED:
             describe = f.describe if f is not None else self.liveness.describe
             what = "its launcher is gone" if source == ORPHAN else f"stopped by {name}"
             self.exit_with_error(f"{describe(blame)} (then {what})", EXIT_SIGNAL_BASE + sig,

@@ -18,12 +18,13 @@ What to do about it is the owner's (dist_runtime/job.py): `on_verdict(blame)` is
 once, from this module's thread, when this rank should stop; `word(peer)` and `culprit()`
 answer the main thread's and the signal thread's questions.
 
-Addresses: each rank listens on an ephemeral TCP port (or `--liveness-port` + rank) on
-its ring address (127.0.0.1 for a local ring) or, for a ring across hosts, on every
-interface; the addresses travel in the job's first exchange, the ring's IP first, then the
-host's other IPv4 addresses (in a Thunderbolt ring a rank reaches only its neighbours'
-ring IPs, and the others over the LAN). A peer that cannot be reached is left unwatched,
-with a warning: the deadlines of dist_runtime/faults.py still cover it.
+Addresses: once the ring has connected, each rank listens on its ring port's number
+again (mlx's ring closes its listener then; `--liveness-port P` picks P + rank instead),
+on 127.0.0.1 for a local ring or, for a ring across hosts, on every interface; the
+addresses travel in the job's first exchange, the ring's IP first, then the host's other
+IPv4 addresses (in a Thunderbolt ring a rank reaches only its neighbours' ring IPs, and
+the others over the LAN). A peer that cannot be reached is left unwatched, with a
+warning: the deadlines of dist_runtime/faults.py still cover it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import threading
 import time
 from typing import Callable, Optional
 
-from dist_runtime.faults import LOST, SILENT, Blame, explained_by_suspension, suspended_message
+from dist_runtime.faults import (LOST, SILENT, Blame, explained_by_suspension, recent_gap,
+                                  suspended_message)
 
 BEAT_S = 0.5  # s between heartbeats
 TICK_S = 0.25  # the thread looks at its sockets and clocks this often
@@ -54,19 +56,20 @@ CONNECTING, UP, DONE, LEFT, GONE, SILENT_STATE, UNWATCHED = (
     "connecting", "up", "done", "left", "gone", "silent", "unwatched")
 
 
-def ring_ip(rank: int) -> Optional[str]:
-    """This rank's IP in the ring backend's address list (MLX_HOSTFILE), or None."""
+def ring_address(rank: int) -> tuple:
+    """(IP, port) of this rank's first address in the ring backend's list (MLX_HOSTFILE),
+    or (None, 0)."""
     path = os.environ.get("MLX_HOSTFILE")
     if not path:
-        return None
+        return None, 0
     try:
         with open(path) as f:
             nodes = json.load(f)
-        ip = nodes[rank][0].rpartition(":")[0]
+        ip, _, port = nodes[rank][0].rpartition(":")
         ipaddress.ip_address(ip)
-        return ip
+        return ip, int(port)
     except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError):
-        return None
+        return None, 0
 
 
 def host_ips() -> list:
@@ -107,14 +110,17 @@ class Liveness:
         self.names = [f"rank {r}" for r in range(size)]
         self.token = ""
         self.on_verdict: Optional[Callable[[Blame], None]] = None
-        ip = ring_ip(rank)
+        ip, ring_port = ring_address(rank)
         local = ip is None or ipaddress.ip_address(ip).is_loopback
         bind = "127.0.0.1" if local else "0.0.0.0"
         self.ips = ["127.0.0.1"] if local else \
             list(dict.fromkeys([ip, *host_ips()]))[:MAX_IPS]
         self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind((bind, port + rank if port else 0))
+        # The ring's own port number, free again once the ring has connected: a job
+        # takes no port beyond its ring's (an ephemeral port could be another job's ring
+        # port, which would then connect here); --liveness-port pins another.
+        self.server.bind((bind, port + rank if port else ring_port))
         self.server.listen(max(size, 4))
         self.server.setblocking(False)
         self.port = self.server.getsockname()[1]
@@ -197,7 +203,8 @@ class Liveness:
             except (OSError, ValueError):
                 readable = []  # a socket closed under us: look again
             now = time.monotonic()
-            if now - last_tick > SUSPEND_GAP_S:  # this process did not run
+            gap = now - last_tick > SUSPEND_GAP_S  # this process (or thread) did not run
+            if gap:
                 self._suspended = (now, now - last_tick)
             last_tick = now
             for s in readable:
@@ -205,6 +212,12 @@ class Liveness:
                     self._accept()
                 else:
                     self._read(s, now)
+            if gap:
+                # The others' silence during our own gap says nothing (their beats queued
+                # meanwhile have just been read): their clocks start again now.
+                with self._lock:
+                    for p in self.peers.values():
+                        p.last = max(p.last, now)
             if now - last_beat >= BEAT_S:
                 last_beat = now
                 self._send_all(b"b\n")
@@ -306,11 +319,6 @@ class Liveness:
         with self._lock:
             if self.ending or self._acted or self.closed:
                 return
-            if self.suspended_for(self.timeout * 4):
-                # Our own gap: the others' silence during it says nothing (their beats
-                # queued meanwhile have been read). Deaths and last words still count.
-                for p in self.peers.values():
-                    p.last = max(p.last, now - BEAT_S)
             for p in self.peers.values():
                 if p.state == GONE and self.verdict is None and now - p.gone_at >= GONE_GRACE_S:
                     self.verdict = Blame(p.rank, LOST, self.rank)  # it died without a word
@@ -359,12 +367,12 @@ class Liveness:
             while True:
                 if self.verdict is not None:
                     return self.verdict
+                words = [p for p in self.peers.values() if p.word is not None]
+                if words:  # why the others exit: the cause, where a death is its effect
+                    return min(words, key=lambda p: p.word_at).word
                 gone = [p for p in self.peers.values() if p.state == GONE]
                 if gone and not self.ending:
                     return Blame(min(gone, key=lambda p: p.gone_at).rank, LOST, self.rank)
-                words = [p for p in self.peers.values() if p.word is not None]
-                if words:
-                    return min(words, key=lambda p: p.word_at).word
                 left = end - time.monotonic()
                 if left <= 0 or self.closed:
                     return None
@@ -379,8 +387,8 @@ class Liveness:
 
     def describe(self, blame: Blame) -> str:
         """The error line for `blame`, or this rank's own suspension if that explains it."""
-        gap = self.suspended_for(self.timeout * 4 + 10)
-        if gap and explained_by_suspension(blame, self.rank):
+        gap = recent_gap(lambda: self.suspended_for(self.timeout * 4 + 10), blame, self.rank)
+        if gap and explained_by_suspension(blame, self.rank, gap, self.timeout):
             return suspended_message(gap)
         return blame.describe(self.names, self.rank)
 
@@ -398,9 +406,9 @@ class Liveness:
             except OSError:
                 pass  # read side sees the close
 
-    def _send_all(self, data: bytes):
+    def _send_all(self, data: bytes, states=(UP,)):
         with self._lock:
-            peers = [p for p in self.peers.values() if p.sock is not None and p.state == UP]
+            peers = [p for p in self.peers.values() if p.sock is not None and p.state in states]
         for p in peers:
             self._send(p, data)
 
@@ -410,10 +418,27 @@ class Liveness:
             self.ending = True
 
     def bye(self, blame: Blame):
-        """Tell every rank why this one exits (before os._exit)."""
+        """Tell every rank why this one exits (before os._exit). Unread bytes are read
+        first: a socket closed with unread bytes resets the connection, and the reset can
+        destroy the word before the peer reads it."""
         self.ending = True
+        with self._lock:
+            socks = [p.sock for p in self.peers.values() if p.sock is not None]
+        for sock in socks:
+            try:
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass  # nothing more to read (or gone)
+        # A silent rank gets the word too: if it was only stopped, it reads it when it
+        # runs again, and says that the others gave up on it.
         self._send_all(f"bye {blame.rank} {blame.reason} {blame.reporter} {blame.seconds} "
-                       f"{blame.sig}\n".encode())
+                       f"{blame.sig}\n".encode(), states=(UP, SILENT_STATE))
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_WR)  # the word, then end of stream
+            except OSError:
+                pass
 
     def finish(self):
         """The job ended normally on this rank: say so and stop watching. The sockets are

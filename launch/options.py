@@ -84,7 +84,7 @@ def add_model_args(p: argparse.ArgumentParser):
                    "or unreachable")
     p.add_argument("--liveness-port", type=int, default=0, metavar="PORT",
                    help="rank r listens for the other ranks' heartbeats on TCP port PORT + r "
-                   "(default: any free port; give one where a firewall must allow them)")
+                   "(default: its ring port's number, free again once the ring connected)")
 
 
 def check_model_args(p: argparse.ArgumentParser, args):
@@ -93,8 +93,8 @@ def check_model_args(p: argparse.ArgumentParser, args):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.liveness_port < 65536:
-        p.error(f"--liveness-port must be a TCP port (1 to 65535, or 0 for any free port), "
-                f"got {args.liveness_port}")
+        p.error(f"--liveness-port must be a TCP port (1 to 65535, or 0 for the ring's "
+                f"ports), got {args.liveness_port}")
     for name in ("timeout", "first_timeout", "load_timeout", "heartbeat_timeout"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be above 0 seconds, got "

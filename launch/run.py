@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mlx.launch runs us as a file
 
 from dist_runtime.devices import pin_gpu  # noqa: E402
-from dist_runtime.lifecycle import Lifecycle, block_signals  # noqa: E402
+from dist_runtime.lifecycle import ORPHAN, Lifecycle, block_signals  # noqa: E402
 
 block_signals()  # the full set (the same as above, kept in one place)
 pin_gpu()  # before mlx starts CUDA: one GPU per rank
@@ -111,7 +111,10 @@ def run_coordinator(args, life, job):
         piece = detok.add(token)
         text.append(piece)
         if not args.json:
-            print(piece, end="", flush=True)
+            try:
+                print(piece, end="", flush=True)
+            except OSError:  # nothing reads stdout: the launcher is gone
+                life.stop(signal.SIGHUP, ORPHAN, "its stdout to the launcher closed")
         if not stop_window:
             return False
         tail[0] = (tail[0] + piece)[-(stop_window + len(piece)):]

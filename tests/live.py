@@ -155,13 +155,13 @@ class LiveJob:
             time.sleep(0.02)
         raise AssertionError(f"no {what} within {timeout} s:\n{self.report()}")
 
-    def wait_stages(self, timeout: float = 60):
+    def wait_stages(self, timeout: float = 40):
         """Until every rank has printed its stage line (it has loaded); returns the pids."""
         self.wait_for(lambda: len(self.said("stage")) == self.n, timeout,
                       "stage line from every rank")
         return self.pids
 
-    def wait_loading(self, timeout: float = 60):
+    def wait_loading(self, timeout: float = 40):
         """Until every rank has said it is loading its layers; returns the pids."""
         self.wait_for(lambda: len(self.said("loading")) == self.n, timeout,
                       "loading line from every rank")

@@ -18,16 +18,16 @@ import pytest
 
 from tests.launcher import ROOT
 from tests.live import LiveJob
-from tests.test_faults import DECODE, SLOW, THREE
+from tests.test_faults import DECODE, SLOW, THREE, generated
 
 STOP_S = 10.0  # every rank gone within this of the signal
 sys.path.insert(0, str(ROOT / "launch"))
 from start import job_status  # noqa: E402
 
 
-def check_all_stopped(job, exits, reason, status=None):
-    """Every rank exited within STOP_S, said why, and nothing is left; the launcher
-    (launch/start.py) exits with `status`; the summary says `reason`."""
+def check_all_stopped(job, exits, status=None):
+    """Every rank exited within STOP_S and nothing is left; through launch/start.py,
+    every rank said why, rank 0 how far it got, and the launcher exits with `status`."""
     assert set(exits) == {0, 1, 2} and max(exits.values()) <= STOP_S, \
         f"exits {exits}\n{job.report()}"
     rc = job.wait(15)
@@ -36,10 +36,15 @@ def check_all_stopped(job, exits, reason, status=None):
         assert rc == status, f"launch/start.py exited {rc}\n{job.report()}"
         assert "Traceback" not in job.stderr, job.report()
         assert set(job.errors) == {0, 1, 2}, f"a rank's last line is missing:\n{job.report()}"
-        summary = job.summary()
-        assert summary is not None, f"no summary on stdout:\n{job.report()}"
-        assert summary["finish_reason"] == reason and summary["tokens"], summary
+        assert generated(job) >= 0  # rank 0's last line came through
     return rc
+
+
+def wait_text(job):
+    """Until rank 0 has streamed some text (a load average of 10 makes fixed sleeps
+    unreliable)."""
+    job.wait_stages(25)
+    job.wait_for(lambda: len(job.stdout) > 20, 15, "generated text")
 
 
 @pytest.mark.timeout(60)
@@ -48,10 +53,14 @@ def test_ctrl_c_in_the_terminal_stops_the_job_in_order():
     stop; rank 0's summary and every rank's last line come through; status 130."""
     with LiveJob(3, [*THREE, *DECODE, "--json"], start=True, session=True) as job:
         job.wait_stages()
-        time.sleep(1.5)  # some tokens (--json streams nothing)
+        time.sleep(1.5)  # likely some tokens (--json streams nothing)
         job.signal_group(signal.SIGINT)
         exits = job.wait_exits([0, 1, 2], STOP_S + 5)
-        check_all_stopped(job, exits, "stopped by SIGINT", status=128 + signal.SIGINT)
+        check_all_stopped(job, exits, status=128 + signal.SIGINT)
+        summary = job.summary()
+        assert summary is not None, f"no summary on stdout:\n{job.report()}"
+        assert summary["finish_reason"] == "stopped by SIGINT", summary
+        assert len(summary["tokens"]) == generated(job), job.report()
         print("Ctrl-C: exits after", exits)
 
 
@@ -60,14 +69,15 @@ def test_ctrl_c_in_the_terminal_stops_the_job_in_order():
 def test_signal_to_the_launcher_alone_stops_the_job_in_order(sig):
     """kill -INT / kill -TERM (timeout's) to the launcher process only: the ranks do not
     get the signal themselves, and still stop, in order."""
-    with LiveJob(3, [*THREE, *DECODE, "--json"], start=True) as job:
-        job.wait_stages()
-        time.sleep(1.5)
+    with LiveJob(3, [*THREE, *DECODE], start=True) as job:
+        wait_text(job)
         job.signal_launcher(sig)
         exits = job.wait_exits([0, 1, 2], STOP_S + 5)
         name = signal.Signals(sig).name
-        check_all_stopped(job, exits, f"stopped by {name}", status=128 + sig)
+        check_all_stopped(job, exits, status=128 + sig)
+        assert generated(job) > 0 and len(job.stdout.strip()) > 20, job.report()
         assert all(name in e[0] for e in job.errors.values()), job.report()
+        assert f"stopped by {name} (sent to the launcher)" in job.errors[0][0], job.report()
         print(f"{name} to launch/start.py: exits after", exits)
 
 
@@ -77,17 +87,19 @@ def test_ranks_stop_when_mlx_launch_is_killed(tmp_path, phase):
     """SIGTERM kills a bare mlx.launch at once. Its ranks see their launcher gone and
     stop (not minutes later: never); rank 0 writes what it had to --json-out."""
     out = tmp_path / "summary.json"
+    # --json: rank 0 prints nothing until the end, so it does not meet the closed pipe
+    # (streaming ranks died of EPIPE even before: --json and loading ones ran on).
     args = [*THREE, *DECODE, "--json", "--json-out", str(out)]
     with LiveJob(3, args, env=SLOW if phase == "loading" else None) as job:
         if phase == "loading":
             job.wait_loading()
             time.sleep(0.5)
         else:
-            job.wait_stages()
-            time.sleep(1.5)
+            job.wait_stages(25)
+            time.sleep(3.0)  # some tokens (a fixed wait: --json streams nothing)
         job.signal_launcher(signal.SIGTERM)
         exits = job.wait_exits([0, 1, 2], STOP_S + 5)
-        check_all_stopped(job, exits, None)
+        check_all_stopped(job, exits)
         summary = json.loads(out.read_text())
         assert summary["finish_reason"] == "stopped: the launcher is gone", summary
         assert bool(summary["tokens"]) == (phase == "decoding"), summary
@@ -98,15 +110,20 @@ def test_ranks_stop_when_mlx_launch_is_killed(tmp_path, phase):
 def test_a_stop_before_the_rank_can_block_signals_is_still_reported():
     """Each rank gets SIGTERM before Python starts. Under launch/start.py the signal is
     blocked from the start (inherited) and waits for the rank's signal thread: every
-    rank says it was stopped and exits 143, and so does the launcher."""
+    rank says why it stops (a bare mlx.launch: killed by the signal, without a word).
+    Each waits a second for news before it reports the signal; a rank whose start
+    fails first because the others stopped says that instead."""
     env = {"PIPELINE_TEST_PYTHON": sys.executable}
     with LiveJob(3, THREE, start=True, env=env,
                  script=ROOT / "tests/jobs/signalled_at_start.sh") as job:
         rc = job.wait(40)
+        codes = job.exit_codes
         assert set(job.errors) == {0, 1, 2}, f"a rank said nothing:\n{job.report()}"
-        assert all("SIGTERM" in e[0] for e in job.errors.values()), job.report()
-        assert job.exit_codes == {0: 143, 1: 143, 2: 143}, job.report()
-        assert rc == 143
+        for r, errors in job.errors.items():
+            assert codes[r] != 143 or "stopped by SIGTERM" in errors[0], job.report()
+        assert list(codes.values()).count(143) >= 1, codes  # at least the first to stop
+        assert all(c in (2, 3, 143) for c in codes.values()), codes  # not -15: a line
+        assert rc == job_status(codes) != 0
         assert job.leftovers() == []
 
 
