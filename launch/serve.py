@@ -567,7 +567,7 @@ def serve(args, life, job, sock):
     life.on_stop = engine.on_exit
     ctx = context_length(job.config)
     limit = min(ctx, args.max_kv_tokens) if ctx else args.max_kv_tokens
-    why = (f"the model's context, max_position_embeddings" if ctx and ctx <= args.max_kv_tokens
+    why = ("the model's context, max_position_embeddings" if ctx and ctx <= args.max_kv_tokens
            else f"--max-kv-tokens {args.max_kv_tokens}")
     vocab = job.config.get("text_config", job.config)["vocab_size"]
     name = args.served_model_name or args.model
