@@ -235,6 +235,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
+@mx.compile
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, fused into one kernel. A decode step is hundreds of tiny kernels
+    (one token through every layer), so each launch saved shows in tokens per second."""
+    return gate * mx.sigmoid(gate) * up
+
+
 def split_heads(x: mx.array, n_heads: int) -> mx.array:
     """[B, L, H*Dh] -> [B, H, L, Dh]."""
     B, L, _ = x.shape

@@ -13,6 +13,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .base import swiglu
+
 SORT_THRESHOLD = 64  # token-expert pairs above which sorting by expert pays for itself
 
 
@@ -94,4 +96,4 @@ class ExpertGLU(nn.Module):
         """down(silu(gate(x)) * up(x)) through the experts `idx` picks for each row."""
         g = self.gate_proj(x, idx, sorted_indices)
         u = self.up_proj(x, idx, sorted_indices)
-        return self.down_proj(nn.silu(g) * u, idx, sorted_indices)
+        return self.down_proj(swiglu(g, u), idx, sorted_indices)

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads,
-                   rope_settings, split_heads)
+                   rope_settings, split_heads, swiglu)
 
 
 @dataclass
@@ -100,7 +100,7 @@ class MLP(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         """x [B, L, D] -> [B, L, D]."""
         gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(nn.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):

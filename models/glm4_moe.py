@@ -34,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads,
-                   rope_settings, split_heads)
+                   rope_settings, split_heads, swiglu)
 from .experts import ExpertGLU
 
 GROUP_SCORE_TOP = 2  # a group is scored by the sum of its best 2 biased expert scores
@@ -161,7 +161,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """x [..., D] -> [..., D]."""
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def select_experts(logits: mx.array, correction_bias: mx.array, top_k: int, n_group: int,
@@ -214,11 +214,20 @@ class Router(nn.Module):
     def __call__(self, x: mx.array):
         """x [..., D] -> (expert indices, weights), each [..., k]."""
         a = self.args
-        # HF computes the router in float32 whatever the model's dtype.
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T  # [..., E]
-        return select_experts(logits, self.e_score_correction_bias, a.num_experts_per_tok,
-                              a.n_group, a.topk_group, a.norm_topk_prob,
-                              a.routed_scaling_factor)
+        return route(x, self.weight, self.e_score_correction_bias, a.num_experts_per_tok,
+                     a.n_group, a.topk_group, a.norm_topk_prob, a.routed_scaling_factor)
+
+
+@mx.compile
+def route(x: mx.array, weight: mx.array, correction_bias: mx.array, top_k: int, n_group: int,
+          topk_group: int, norm_topk_prob: bool, scaling: float):
+    """Router logits and expert selection as one compiled graph: at decode a layer's
+    routing is a dozen tiny element-wise and selection kernels, and fused they cost a few
+    launches (mlx retraces when the shapes or the integer settings change)."""
+    # HF computes the router in float32 whatever the model's dtype.
+    logits = x.astype(mx.float32) @ weight.astype(mx.float32).T  # [..., E]
+    return select_experts(logits, correction_bias, top_k, n_group, topk_group,
+                          norm_topk_prob, scaling)
 
 
 class MoE(nn.Module):

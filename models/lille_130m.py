@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads)
+from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads, swiglu)
 
 FFN_MULTIPLE = 256  # SwiGLU widths are rounded up to a multiple of this
 FFN_GATE = re.compile(r"^transformer\.layers\.\d+\.feed_forward\.gate_proj\.weight$")
@@ -132,7 +132,7 @@ class FeedForward(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         """x [B, L, D] (not yet normed) -> [B, L, D]."""
         h = self.norm(x)
-        return self.down_proj(nn.silu(self.gate_proj(h)) * self.up_proj(h))  # via [B, L, F]
+        return self.down_proj(swiglu(self.gate_proj(h), self.up_proj(h)))  # via [B, L, F]
 
 
 class Block(nn.Module):

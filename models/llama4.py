@@ -43,7 +43,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (BaseConfig, ConfigError, PipelineMixin, attention, attention_mask, causal_mask,
-                   merge_heads, rope_settings, split_heads)
+                   merge_heads, rope_settings, split_heads, swiglu)
 from .cache import ChunkedKVCache, KVCache
 from .experts import ExpertGLU
 
@@ -286,7 +286,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """x [..., D] -> [..., D]."""
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class MoE(nn.Module):

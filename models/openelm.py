@@ -43,7 +43,7 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads)
+from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads, split_heads, swiglu)
 
 MULTIPLIER_DECIMALS = 2  # HF rounds interpolated multipliers to 2 decimals; shapes depend on it
 MAX_ROUND_DOWN = 0.9  # make_divisible never returns less than 90% of the value asked for
@@ -205,7 +205,7 @@ class FeedForward(nn.Module):
         h = self.proj_1(x)  # [B, L, 2F] with GLU, else [B, L, F]
         if self.glu:
             gate, up = mx.split(h, 2, axis=-1)
-            return self.proj_2(nn.silu(gate) * up)
+            return self.proj_2(swiglu(gate, up))
         return self.proj_2(nn.silu(h))
 
 
