@@ -330,7 +330,7 @@ class Coordinator:
             mx.async_eval(result[1])
             return
         header.flags = FLAG_RETURN if rows is not None else 0
-        self.transport.send(1, header, self.stage.timed(h))
+        self.stage.send(self.transport, 1, header, h)
         self._ahead.append(rows is not None)
 
     def _sample(self, h: mx.array, rows: list) -> tuple:

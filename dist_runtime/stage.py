@@ -59,12 +59,17 @@ class Stage:
                                  f"{offset} but its cache holds {caches[0].offset}")
         return self.model.forward_layers(h, caches)
 
-    def timed(self, out: mx.array) -> mx.array:
-        """`out` evaluated, its time counted as busy."""
+    def send(self, transport, dst: int, header, out: mx.array):
+        """Pass `out` on, computing it between the header and the payload: the header
+        leaves first, so the next rank builds its graph while this one computes."""
+        transport.send(dst, header, out, between=lambda: self.run(out))
+
+    def run(self, out: mx.array):
+        """Compute `out` here (a prompt chunk ending at the last stage fills its caches and
+        goes no further), its time counted as busy."""
         t0 = time.perf_counter()
         mx.eval(out)
         self._busy_s += time.perf_counter() - t0
-        return out
 
     def group(self, id: int, seqs: list):
         """Micro-batch `id` now holds rows `seqs`, in order: rows it held keep their
@@ -176,15 +181,18 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
     nxt = (stage.index + 1) % stage.n_stages
     timeout = first_timeout
     while True:
-        header, h = transport.recv(prev, timeout)
+        header, out = transport.recv(prev, timeout, build=lambda hd, h: stage.forward(
+            h, hd.seq, hd.offset))
         timeout = None
         if header.op == OP_FORWARD:
-            out = stage.timed(stage.forward(h, header.seq, header.offset))
             if not stage.is_last:
-                transport.send(nxt, header, out)
+                stage.send(transport, nxt, header, out)
             elif header.flags & FLAG_RETURN:
-                transport.send(nxt, header, out[:, -1:])
+                stage.send(transport, nxt, header, out[:, -1:])
+            else:
+                stage.run(out)
             continue
+        h = out
         if header.op == OP_STATS:
             transport.send(nxt, header, stage.add_stats(h))
             continue

@@ -95,8 +95,12 @@ class Transport:
         return timeout or (self.timeout if self.warm else self.first_timeout)
 
     def send(self, dst: int, header: Header, payload: Optional[mx.array] = None,
-             timeout: Optional[float] = None):
-        """Send the header, then the payload [batch, length, width] if the op has one."""
+             timeout: Optional[float] = None, between=None):
+        """Send the header, then the payload [batch, length, width] if the op has one.
+
+        between(): called once the header is out and before the payload goes: a stage
+        computes its (lazy) payload there, so the next rank, holding the header, builds
+        its graph meanwhile; the computing is not part of any deadline or blame."""
         if payload is not None and header.op == OP_FORWARD:
             header.dtype = DTYPES.index(payload.dtype)
             header.width = payload.shape[-1]
@@ -114,6 +118,8 @@ class Transport:
             if header.op == OP_FORWARD and payload is not None else None
         with self._send_lock:
             for a in (header.array(), payload):
+                if a is payload and between is not None:
+                    between()
                 if a is not None:
                     op = mx.distributed.send(a, dst, group=self.group)
                     self.faults.wait(op if a is not payload or finite is None else [op, finite],
@@ -128,8 +134,13 @@ class Transport:
         if header.op == OP_FORWARD and header.flags & FLAG_RETURN and self.rank != 0:
             self.warm = True  # this stage has passed on the end of the first prompt
 
-    def recv(self, src: int, timeout: Optional[float] = None):
-        """(header, payload or None) from rank src; an ABORT raises PeerLost."""
+    def recv(self, src: int, timeout: Optional[float] = None, build=None):
+        """(header, payload or None) from rank src; an ABORT raises PeerLost.
+
+        build(header, payload) -> result: for a FORWARD, what to compute from the payload,
+        built into the graph BEFORE the wait for the payload, so that building it overlaps
+        the ranks upstream still computing (the header arrives first: they send it before
+        their own work is done); then (header, result) is returned, result unevaluated."""
         t = self.deadline(timeout)
         what = f"no message from {self.names[src]} for {t:.0f} s (it died or hangs)"
         h = mx.distributed.recv((HEADER_LEN,), mx.int32, src, group=self.group)
@@ -144,10 +155,12 @@ class Transport:
         if shape is None:
             return header, None
         payload = mx.distributed.recv(shape, dtype, src, group=self.group)
+        result = build(header, payload) if build is not None and header.op == OP_FORWARD \
+            else payload
         self.faults.wait(payload, what, t, peer=src, receiving=True)
         if self.rank == 0 and header.op == OP_FORWARD:
             self.warm = True  # the first result is back: the ring is compiled and loaded
-        return header, payload
+        return header, result
 
     def _payload(self, header: Header, src: int) -> tuple:
         """(shape, dtype) of the payload that follows `header`, or (None, None)."""
