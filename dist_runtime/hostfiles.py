@@ -163,10 +163,11 @@ def check_hostfile_data(data, where: str = "the hostfile") -> list:
 
 
 def rdma_peers(i: int, n: int, backend: str) -> list:
-    """The hosts host i needs an RDMA device to: every other host for the jaccl mesh, the
-    previous and the next for jaccl-ring (as mlx.launch checks)."""
-    if backend == "jaccl-ring":
-        return sorted({(i - 1) % n, (i + 1) % n} - {i})
+    """The hosts host i needs an RDMA device to, in the order `hostfile.py write --rdma`
+    takes them: every other host for the jaccl mesh, the previous and the next for
+    jaccl-ring (as mlx.launch checks)."""
+    if backend == "jaccl-ring":  # the previous host, then the next (one for two hosts)
+        return [p for p in dict.fromkeys([(i - 1) % n, (i + 1) % n]) if p != i]
     return [j for j in range(n) if j != i]
 
 
