@@ -14,7 +14,14 @@ and whether this project is at the same path (mlx.launch runs the same path on e
 host). On a Mac also the chip, macOS version, RAM, what Metal keeps resident (its
 recommended working set) and the GPU wired limit (`iogpu.wired_limit_mb`), with a
 warning where macOS is too old for the hostfile's backend (jaccl needs 26.2) or to keep
-weights resident (15). Exit status 0 when nothing is wrong, 1 otherwise.
+weights resident (15). Then (launch/ring_check.py) it measures each link along the
+ring with a probe started on both hosts (round trip, bandwidth; a warning for a link
+far slower than the others, or as slow as Wi-Fi), checks a jaccl hostfile's RDMA devices
+against each Mac's ibv_devices, with `--model` plans the model over the measured links
+(advising fewer hosts where they would be clearly faster), and with `--save` records the
+links in the hostfile for the jobs. Exit status 0 when nothing is wrong, 1 otherwise.
+
+`write --backend jaccl|jaccl-ring --rdma ...` writes the RDMA backends' device lists.
 """
 
 from __future__ import annotations

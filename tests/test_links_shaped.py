@@ -30,17 +30,22 @@ def check(c, *args):
     return json.loads(p.stdout), p.stderr
 
 
+def shaped(name):
+    """(the profile, a 3-host cluster shaped to it), or a skip with the harness's reason."""
+    why = unavailable_reason(name)
+    if why:
+        pytest.skip(why)
+    return PROFILES[name], Cluster(n=3, profile=name)
+
+
 def ring_links(report):
     return [r for r in report["links"] if r["kind"] == "ring"]
 
 
 @pytest.mark.timeout(300)
 def test_wifi_links_are_measured_warned_about_and_fewer_hosts_advised():
-    why = unavailable_reason("wifi")
-    if why:
-        pytest.skip(why)
-    prof = PROFILES["wifi"]
-    with Cluster(n=3, profile="wifi") as c:
+    prof, cluster = shaped("wifi")
+    with cluster as c:
         report, err = check(c, "--save")
         links = ring_links(report)
         assert [(r["from"], r["to"]) for r in links] == [(0, 1), (1, 2), (2, 0)]
@@ -69,11 +74,8 @@ def test_wifi_links_are_measured_warned_about_and_fewer_hosts_advised():
 
 @pytest.mark.timeout(300)
 def test_ethernet_links_neither_warn_nor_advise_fewer_hosts():
-    why = unavailable_reason("ethernet-10g")
-    if why:
-        pytest.skip(why)
-    prof = PROFILES["ethernet-10g"]
-    with Cluster(n=3, profile="ethernet-10g") as c:
+    prof, cluster = shaped("ethernet-10g")
+    with cluster as c:
         report, _ = check(c)
         for r in ring_links(report):  # the wire tops out far below 10 Gbit/s: see its docs
             assert prof.rtt_ms / 1e3 <= r["rtt_s"] < prof.rtt_ms / 1e3 + 2e-3, r
