@@ -109,3 +109,19 @@ def test_unknown_links_change_nothing():
     assert host_count_advice(c, infos, None, 16) is None
     assert host_count_advice(c, infos, {}, 16) is None
     assert all(e is None for e in step_estimates(c, infos, {}, 16)[1:])
+
+
+@pytest.mark.parametrize("dtype,bits", [("bfloat16", None), ("float32", 4)])
+def test_the_hidden_state_bytes_a_hop_carries(tmp_path, dtype, bits):
+    """From a checkpoint's headers and from a synthetic skeleton alike: the hidden width
+    times the float dtype the layers compute in (4-bit weights keep float scales)."""
+    from dist_runtime.source import DTYPES, Source, preset_config
+    from dist_runtime.writer import write_checkpoint
+
+    width = preset_config("glm4_moe", "tiny")["hidden_size"]
+    size = {"bfloat16": 2, "float32": 4}[dtype]
+    synthetic = Source("glm4_moe", "tiny", 0, dtype, bits).costs()
+    folder = write_checkpoint(tmp_path / "ckpt", preset_config("glm4_moe", "tiny"),
+                              dtype=DTYPES[dtype], bits=bits)
+    from_headers = Source(str(folder)).costs()
+    assert synthetic.hidden_bytes == from_headers.hidden_bytes == width * size
