@@ -7,6 +7,7 @@ building a GLM-4.5-sized skeleton allocates nothing).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dist_runtime.checkpoint import (DTYPE_SIZES, UNUSED_PREFIXES, layer_index,
 
 DTYPE_BYTES = DTYPE_SIZES  # bytes per element of each safetensors dtype
 EXPERT_MARKERS = (".switch_mlp.", ".experts.")  # stacked expert banks: only top-k are read
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of the float dtypes
 EMBED_MARKERS = ("embed_tokens.", "token_embeddings.", "tok_embeddings.")  # one row a token
 
 
@@ -30,6 +32,9 @@ class Costs:
     head: int
     head_active: int = 0  # of `head`, what one token reads: not the embedding table
     quantized: bool = False  # some weights are already packed (`.scales` tensors)
+    # Bytes of one position's hidden state, what crosses a stage boundary per token (its
+    # width times the activation dtype's size); 0 where unknown.
+    hidden_bytes: int = 0
 
 
 def text_config(config: dict) -> dict:
@@ -82,15 +87,20 @@ def checkpoint_costs(path: Path, config: dict, model) -> Costs:
     from `config`) gives the layer count and the KV layout."""
     n_layers = len(model.layers)
     sizes = {}
+    dtypes = []
     for fname in sorted(set(weight_map(path).values())):
         for name, t in safetensors_header(Path(path) / fname).items():
+            dtypes.append(t["dtype"])
             n = DTYPE_BYTES.get(t["dtype"], 4)
             for d in t["shape"]:
                 n *= d
             sizes[name] = n
     w, a, h, ha = _accumulate(sizes, n_layers, expert_fraction(config), tied(config))
     packed = any(n.endswith(".scales") for n in sizes)
-    return Costs(w, a, kv_bytes_per_token(model.args), h, ha, packed)
+    floats = Counter(d for d in dtypes if d in FLOAT_DTYPES)  # what the layers compute in
+    width = DTYPE_BYTES[floats.most_common(1)[0][0]] if floats else 2
+    return Costs(w, a, kv_bytes_per_token(model.args), h, ha, packed,
+                 model.hidden_width * width)
 
 
 def model_costs(model, config: dict) -> Costs:
@@ -99,4 +109,5 @@ def model_costs(model, config: dict) -> Costs:
     n_layers = len(model.layers)
     w, a, h, ha = _accumulate(sizes, n_layers, expert_fraction(config), tied(config))
     packed = any(n.endswith(".scales") for n in sizes)
-    return Costs(w, a, kv_bytes_per_token(model.args), h, ha, packed)
+    return Costs(w, a, kv_bytes_per_token(model.args), h, ha, packed,
+                 model.hidden_width * model.activation_dtype().size)

@@ -2,7 +2,9 @@
 
 mlx.launch's hostfile must be valid JSON with an `ssh` name per host, IP addresses for
 the ring backend, no address shared by two machines, and no loopback address next to
-remote hosts. The ring's address list (MLX_HOSTFILE, written by mlx.launch) must give
+remote hosts. For mlx's RDMA backends (`jaccl`: a full mesh of Thunderbolt 5 cables;
+`jaccl-ring`: each host cabled to the next) every host lists an `rdma` device per peer
+(`check_rdma`, the format mlx.launch reads), and rank 0 an IP, the coordinator's. The ring's address list (MLX_HOSTFILE, written by mlx.launch) must give
 every rank its own ip:port. `launch/hostfile.py check` uses the first; every rank checks
 the second at start (`check_start_env`). Every finding says what is wrong and the fix.
 """
@@ -20,6 +22,9 @@ from dist_runtime.errors import PreflightError
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 BACKENDS = ("ring", "mpi", "nccl", "jaccl", "jaccl-ring")
 HOST_KEYS = ("ssh", "ips", "rdma")
+RDMA_BACKENDS = ("jaccl", "jaccl-ring")
+RDMA_PREFIX = "rdma_"  # ibv_devices names Thunderbolt's RDMA devices rdma_en2, rdma_en3, ...
+RING_MAX_CABLES = 4  # mlx's jaccl ring opens at most 4 connections to each neighbour
 WRITE_HINT = "python launch/hostfile.py write --hosts a,b --ips IP_A,IP_B -o hostfiles/x.json"
 
 
@@ -148,10 +153,94 @@ def check_hostfile_data(data, where: str = "the hostfile") -> list:
             warn(f"{where}: {label}: mlx.launch starts only 127.0.0.1 without ssh; "
                  f"'localhost' goes through ssh (needs an ssh server and keys); write "
                  f"127.0.0.1 to start the rank locally")
+    if backend in RDMA_BACKENDS:
+        problems += check_rdma(hosts, backend, where)
     if backend == "ring" and len(ip_counts) > 1:
         error(f"{where}: hosts list different numbers of \"ips\" ({sorted(ip_counts)}); the ring "
               f"backend opens one connection per address to each neighbour, so every host "
               f"needs the same number")
+    return problems
+
+
+def rdma_peers(i: int, n: int, backend: str) -> list:
+    """The hosts host i needs an RDMA device to, in the order `hostfile.py write --rdma`
+    takes them: every other host for the jaccl mesh, the previous and the next for
+    jaccl-ring (as mlx.launch checks)."""
+    if backend == "jaccl-ring":  # the previous host, then the next (one for two hosts)
+        return [p for p in dict.fromkeys([(i - 1) % n, (i + 1) % n]) if p != i]
+    return [j for j in range(n) if j != i]
+
+
+def check_rdma(hosts: list, backend: str, where: str = "the hostfile") -> list:
+    """Problems with a jaccl / jaccl-ring hostfile's "rdma" lists and coordinator: each
+    host's list has one entry per host, null for itself, a device name (or a list, one
+    per cable) for each peer it needs, no device for two peers; rank 0 has an IP."""
+    problems = []
+    n = len(hosts)
+    fix = (f"write it with python launch/hostfile.py write --backend {backend} --hosts ... "
+           f"--ips ... --rdma ... (see 'Your cluster' in the README)")
+
+    def error(msg):
+        problems.append(Problem("error", f"{where}: {msg}"))
+
+    def name(k):
+        h = hosts[k]
+        return f"host {k} ({h.get('ssh')})" if isinstance(h, dict) else f"host {k}"
+
+    if isinstance(hosts[0], dict) and not hosts[0].get("ips"):
+        error(f"{name(0)} has no \"ips\": the {backend} backend's coordinator is rank 0 at "
+              f"its first IP, which every host must reach (e.g. its Ethernet address); add "
+              f"\"ips\": [\"<its address>\"]")
+    peer_kind = "neighbour" if backend == "jaccl-ring" else "other host"
+    counts = {}
+    for i, h in enumerate(hosts):
+        if not isinstance(h, dict):
+            continue
+        rdma = h.get("rdma")
+        if rdma is None:
+            error(f"{name(i)} has no \"rdma\" list: the {backend} backend needs one entry "
+                  f"per host, null for itself and the RDMA device (ibv_devices, e.g. "
+                  f"rdma_en2) of the cable to each {peer_kind}; {fix}")
+            continue
+        if not isinstance(rdma, list) or len(rdma) != n:
+            error(f"{name(i)}: \"rdma\" must be a list of {n} entries (one per host, in rank "
+                  f"order), got {rdma!r}; {fix}")
+            continue
+        if rdma[i] is not None:
+            error(f"{name(i)}: \"rdma\" entry {i} is {rdma[i]!r}, but a host's own entry must "
+                  f"be null (no cable to itself)")
+        used = {}
+        for j in rdma_peers(i, n, backend):
+            dev = rdma[j]
+            if dev is None:
+                error(f"{name(i)} lists no RDMA device for {name(j)} (\"rdma\" entry {j} is "
+                      f"null), and the {backend} backend connects them: give the device of "
+                      f"the cable from {name(i)} to {name(j)} (ibv_devices on "
+                      f"{h.get('ssh')}); {fix}")
+                continue
+            devs = dev if isinstance(dev, list) else [dev]
+            if not devs or not all(isinstance(d, str) and d.startswith(RDMA_PREFIX) and
+                                   len(d) > len(RDMA_PREFIX) for d in devs):
+                error(f"{name(i)}: {dev!r} (\"rdma\" entry {j}, for {name(j)}) is not an RDMA "
+                      f"device name or a list of them: ibv_devices lists them as "
+                      f"{RDMA_PREFIX}en2, {RDMA_PREFIX}en3, ...; write e.g. "
+                      f"\"{RDMA_PREFIX}en2\"")
+                continue
+            if backend == "jaccl-ring" and len(devs) > RING_MAX_CABLES:
+                error(f"{name(i)}: {len(devs)} devices for {name(j)}, but the jaccl ring uses "
+                      f"at most {RING_MAX_CABLES} cables to a neighbour; list at most "
+                      f"{RING_MAX_CABLES}")
+            counts.setdefault(i, []).append(len(devs))
+            for d in devs:
+                if d in used and used[d] != j:
+                    error(f"{name(i)} lists {d} for both {name(used[d])} and {name(j)}: one "
+                          f"Thunderbolt port (one cable) joins one pair of hosts; give each "
+                          f"peer the device of its own cable")
+                used.setdefault(d, j)
+    if backend == "jaccl-ring" and len({c for cs in counts.values() for c in cs}) > 1:
+        problems.append(Problem("warning", f"{where}: hosts list different numbers of RDMA "
+                                           f"devices per neighbour ({counts}); the jaccl ring "
+                                           f"uses as many cables on each side of every host"))
     return problems
 
 

@@ -40,6 +40,7 @@ from dist_runtime.liveness import Liveness
 from dist_runtime.partition import Plan
 from dist_runtime.metal import Wiring, wire_stage
 from dist_runtime.planning import fmt_bytes, make_plan, wired_limit
+from dist_runtime.ring_links import advice_at_start
 from dist_runtime.stage import Stage, stage_loop
 from dist_runtime.transport import Transport
 
@@ -130,6 +131,10 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     preflight.check_kv_room(facts, infos, args.max_kv_tokens)
     plan = make_plan(opened.costs, infos, args.max_kv_tokens, args.split, args.memory_limit,
                      args.max_batch)
+    if rank == 0:  # measured links (hostfile.py check --save): would fewer hosts be faster?
+        for advice in advice_at_start(opened.costs, infos, args.max_kv_tokens,
+                                      args.memory_limit, args.max_batch):
+            print(f"[{me}] warning: {advice}", file=sys.stderr, flush=True)
     life.set("loading")
     r = plan.ranges[rank]
     print(f"[{me}] loading {json.dumps({'layers': [r.start, r.stop], 'pid': os.getpid()})}",

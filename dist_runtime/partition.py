@@ -8,6 +8,12 @@ layer placed exactly once, contiguous, in rank order, at least one layer per ran
 An infeasible request raises PlanError with the numbers. The rules a user's request
 must meet (a --split, more ranks than layers) and the advice belong to
 dist_runtime/planning.py, which calls this.
+
+The link model is numbers too: a hop costs its latency (s) plus the bytes it carries over
+its bandwidth (bytes/s); one decode step crosses every hop of the ring once (mlx's ring
+backend sends only to direct neighbours, so every listed rank is a hop, with or without
+work) and reads every stage's active bytes at that host's read rate. `fewest_hosts_time`
+compares the steps on the first k hosts and says when fewer are clearly faster.
 """
 
 from __future__ import annotations
@@ -109,3 +115,43 @@ def _no_fit_message(mem_cost, budgets, head_bytes, hosts) -> str:
     return (f"no contiguous split fits: layers need up to {biggest / GB:.2f} GB each, rank 0 "
             f"also holds {head_bytes / GB:.2f} GB of embedding and head, and the budgets are "
             + ", ".join(f"{h}: {b / GB:.2f} GB" for h, b in zip(hosts, budgets)))
+
+
+def ring_hops(n: int) -> list:
+    """[(i, i+1 mod n)] for n >= 2 hosts: the hops a decode step crosses, in order."""
+    return [(i, (i + 1) % n) for i in range(n)] if n > 1 else []
+
+
+def closing_hops(n: int) -> list:
+    """[(k-1, 0)] for k = 2..n-1: the hops that close a ring of the first k hosts (the
+    others are hops of the full ring already)."""
+    return [(k - 1, 0) for k in range(2, n)]
+
+
+def hop_seconds(nbytes: float, latency_s: float, bytes_per_s: float) -> float:
+    """Time one message of nbytes takes over a hop."""
+    return latency_s + nbytes / bytes_per_s
+
+
+def step_seconds(stage_bytes: Sequence[float], read_rates: Sequence[float],
+                 hops: Sequence[tuple], hop_bytes: float) -> tuple:
+    """(compute s, network s) of one decode step through a ring: each stage reads its
+    active bytes at its host's rate (bytes/s), then its output crosses one hop
+    ((latency s, bytes/s) each, one per stage: the last closes the ring to rank 0)."""
+    compute = sum(b / r for b, r in zip(stage_bytes, read_rates))
+    network = sum(hop_seconds(hop_bytes, lat, bw) for lat, bw in hops)
+    return compute, network
+
+
+def fewest_hosts_time(times: Sequence[Optional[float]], margin: float) -> Optional[int]:
+    """times[k-1]: a decode step's seconds on the first k hosts (None where the model does
+    not fit them or a link is unknown); the last entry is all hosts. The k (< all) with
+    the shortest time when that is faster than all hosts by more than `margin` (0.15:
+    all hosts take over 15% longer), else None."""
+    if not times or times[-1] is None:
+        return None
+    known = [(t, k) for k, t in enumerate(times[:-1], start=1) if t is not None]
+    if not known:
+        return None
+    best, k = min(known)
+    return k if times[-1] > best * (1 + margin) else None

@@ -10,15 +10,25 @@ pure function) finds the fastest plan that fits. Every refusal names the host, t
 numbers and a fix: a raised GPU wired limit (the sysctl per Mac), a --split that fits, a
 --max-kv-tokens that fits, or what is missing. How much each Metal rank wires for its
 stage (`wired_limit`) is decided here too, from the same numbers.
+
+With the ring's links measured (`launch/hostfile.py check --save`), `host_count_advice`
+prices a decode step on the first k hosts, k = 1..n, each with its plan by memory: the
+stages' reads at an assumed rate per host plus every hop's latency and the step's
+activations over its bandwidth. Every listed host is a hop (mlx's ring sends only to
+direct neighbours, so a rank with no layers could not be skipped), so the only way to
+fewer hops is fewer hosts: when those fit the model and are clearly faster, the advice
+says so with the numbers and which hosts to keep. A warning, never a refusal; without
+measured links nothing changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Optional
+from typing import Callable, Optional
 
-from dist_runtime.partition import Plan, PlanError, plan_layers, ranges_from_counts
+from dist_runtime.partition import (Plan, PlanError, fewest_hosts_time, plan_layers,
+                                    ranges_from_counts, ring_hops, step_seconds)
 
 MEMORY_FRACTION = 0.85  # of available memory a rank may plan to fill (OS, activations)
 # Of what Metal keeps resident, the share a rank may plan to fill: its stage's weights and
@@ -29,6 +39,13 @@ MiB, GiB = 2**20, 2**30
 WIRED_RESERVE = 8 * GiB
 WIRED_RESERVE_FRACTION = 0.1
 WIRED_LIMIT_SYSCTL = "iogpu.wired_limit_mb"
+# Bytes of weights a rank reads per second while decoding, to weigh a step's compute
+# against its hops. Assumptions, not measurements: Apple silicon's GPUs read at 120
+# (M4 Pro: 273 GB/s peak) to 800 GB/s (Ultra) and decode reaches a good share of it;
+# this project's CPU ranks decoded `small` (15 MB a token) at ~100 tokens/s on 2 cores.
+READ_RATE_METAL = 200e9
+READ_RATE_OTHER = 2e9
+FEWER_HOSTS_MARGIN = 0.15  # fewer hosts are advised when all of them take this much longer
 
 
 
@@ -302,3 +319,70 @@ def even_split(n_layers: int, n: int) -> list:
     """Layer counts as equal as can be, the extra layers on the last ranks."""
     base, extra = divmod(n_layers, n)
     return [base + (1 if r >= n - extra else 0) for r in range(n)]
+
+
+def read_rate(info) -> float:
+    """Assumed bytes/s of weights a rank reads while decoding (see READ_RATE_METAL)."""
+    return READ_RATE_METAL if info.metal else READ_RATE_OTHER
+
+
+def step_estimates(costs, infos: list, hops: dict, max_kv_tokens: int,
+                   limits: Optional[list] = None, max_batch: int = 1) -> list:
+    """Per k = 1..n: None where the first k hosts cannot hold the model (or a hop of
+    their ring was not measured), else (compute s, network s, plan) of one decode step
+    of max_batch sequences on them. `hops`: {(from, to): (latency s, bytes/s)}."""
+    kv = kv_room_bytes(costs, max_kv_tokens, max_batch)
+    hop_bytes = costs.hidden_bytes * max_batch  # [batch, 1, hidden] crosses every hop
+    out = []
+    for k in range(1, len(infos) + 1):
+        ring = ring_hops(k)
+        if k > len(costs.weight) or any(h not in hops for h in ring):
+            out.append(None)
+            continue
+        lim = limits if limits is None or len(limits) == 1 else limits[:k]
+        budgets, _ = budgets_for(infos[:k], lim)
+        plan = _auto(costs, budgets, kv, [i.name for i in infos[:k]])
+        if plan is None:
+            out.append(None)
+            continue
+        reads = [sum(costs.active[i] for i in rng) + (costs.head_active if r == 0 else 0)
+                 for r, rng in enumerate(plan.ranges)]
+        compute, network = step_seconds(reads, [read_rate(i) for i in infos[:k]],
+                                         [hops[h] for h in ring], hop_bytes)
+        out.append((compute, network, plan))
+    return out
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.3g} ms"
+
+
+def host_count_advice(costs, infos: list, hops: Optional[dict], max_kv_tokens: int,
+                      limits: Optional[list] = None, max_batch: int = 1,
+                      fix: Optional[Callable[[int], str]] = None) -> Optional[str]:
+    """The warning when the first k < n hosts would decode clearly faster than all n over
+    the measured links, with the numbers and `fix(k)` (how to keep those hosts; by default
+    it names them); None when all hosts are best, the links are unknown, or fewer hosts
+    cannot hold the model."""
+    if not hops or len(infos) < 2:
+        return None
+    est = step_estimates(costs, infos, hops, max_kv_tokens, limits, max_batch)
+    k = fewest_hosts_time([None if e is None else e[0] + e[1] for e in est],
+                          FEWER_HOSTS_MARGIN)
+    if k is None:
+        return None
+    n = len(infos)
+    (c_all, n_all, _), (c_k, n_k, plan_k) = est[-1], est[k - 1]
+    kept = ", ".join(i.name for i in infos[:k])
+    hop_text = (f"{k} hops, {_ms(n_k)}" if k > 1 else "no hops")
+    fix_text = fix(k) if fix else (f"keep only the hostfile's first {k} entries ({kept}), "
+                                   f"e.g. python launch/hostfile.py write --hosts <their ssh "
+                                   f"names> --ips <their ips>")
+    return (f"the links make this job slower than fewer hosts would: a decode step of "
+            f"{max_batch} sequence{'s' if max_batch > 1 else ''} takes about {_ms(c_all + n_all)} on all {n} hosts "
+            f"({_ms(c_all)} reading weights, {_ms(n_all)} in {n} hops over the measured "
+            f"links), but about {_ms(c_k + n_k)} on the first {k} ({kept}; {hop_text}), "
+            f"which hold the model (--split {counts_text(len(r) for r in plan_k.ranges)}). "
+            f"Every host in the hostfile is a hop (the ring backend sends only to the next "
+            f"rank). Fix: {fix_text}; or connect the hosts by faster links (Thunderbolt, "
+            f"Ethernet) and measure again with python launch/hostfile.py check --save")

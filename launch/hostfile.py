@@ -14,14 +14,20 @@ and whether this project is at the same path (mlx.launch runs the same path on e
 host). On a Mac also the chip, macOS version, RAM, what Metal keeps resident (its
 recommended working set) and the GPU wired limit (`iogpu.wired_limit_mb`), with a
 warning where macOS is too old for the hostfile's backend (jaccl needs 26.2) or to keep
-weights resident (15). Exit status 0 when nothing is wrong, 1 otherwise.
+weights resident (15). Then (launch/ring_check.py) it measures each link along the
+ring with a probe started on both hosts (round trip, bandwidth; a warning for a link
+far slower than the others, or as slow as Wi-Fi), checks a jaccl hostfile's RDMA devices
+against each Mac's ibv_devices, with `--model` plans the model over the measured links
+(advising fewer hosts where they would be clearly faster), and with `--save` records the
+links in the hostfile for the jobs. Exit status 0 when nothing is wrong, 1 otherwise.
+
+`write --backend jaccl|jaccl-ring --rdma ...` writes the RDMA backends' device lists.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import threading
@@ -30,15 +36,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dist_runtime.hostfiles import (LOCAL_HOSTS, Problem, check_hostfile_data,  # noqa: E402
-                                    is_ip, load_hostfile)
-from dist_runtime.planning import fmt_bytes  # noqa: E402
+from dist_runtime.hostfiles import (RDMA_BACKENDS, Problem,  # noqa: E402
+                                    check_hostfile_data, is_ip, load_hostfile, rdma_peers)
+from dist_runtime.hostfiles import LOCAL_HOSTS  # noqa: E402
+from dist_runtime.planning import fmt_bytes, parse_memory_limits  # noqa: E402
+from launch import ring_check  # noqa: E402
+from dist_runtime.ring_links import host_command  # noqa: E402
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # dist_runtime/source.py's DTYPES (no mlx here)
 HOST_TIMEOUT = 20.0  # s per host: ssh, start Python, import mlx
 GIB, MIB = 2**30, 2**20
 # mlx's jaccl backends run on RDMA over Thunderbolt 5, which macOS has from 26.2 (Apple's
 # TN3205); mx.set_wired_limit keeps buffers resident from macOS 15 (its docs).
-RDMA_BACKENDS = ("jaccl", "jaccl-ring")
 RDMA_MACOS = (26, 2)
 WIRED_MACOS = (15, 0)
 
@@ -81,31 +90,82 @@ if platform.system() == "Darwin":
     out["chip"] = sysctl("machdep.cpu.brand_string")
     out["ram"] = sysctl("hw.memsize")
     out["wired_limit_mb"] = sysctl("iogpu.wired_limit_mb")
+import shutil
+if shutil.which("ibv_devices"):  # RDMA over Thunderbolt enabled (macOS 26.2+): its devices
+    import subprocess
+    try:
+        p = subprocess.run(["ibv_devices"], capture_output=True, text=True, timeout=5,
+                           stdin=subprocess.DEVNULL)
+        out["rdma_devices"] = [w for w in p.stdout.split() if w.startswith("rdma_")]
+    except Exception as e:
+        out["rdma_error"] = f"{type(e).__name__}: {e}"
 root = sys.argv[1] if len(sys.argv) > 1 else ""
 out["project"] = bool(root) and os.path.isfile(os.path.join(root, "launch", "run.py"))
 print(json.dumps(out))
 """
 
 
-def build_hostfile(hosts: list, ips=None, backend: str = "ring", envs=None) -> dict:
+def rdma_matrix(per_host: list, backend: str) -> list:
+    """Each host's "rdma" list from --rdma values, one per host in rank order: the devices
+    of the cables to its peers, comma-separated, in rank order (jaccl: every other host;
+    jaccl-ring: the previous host, then the next; one for two hosts), '+' between the
+    devices of several cables to one peer. Raises ValueError with the fix."""
+    n = len(per_host)
+    out = []
+    for i, text in enumerate(per_host):
+        peers = rdma_peers(i, n, backend)
+        names = [d.strip() for d in text.split(",")]
+        if len(names) != len(peers):
+            order = ("the previous host, then the next" if backend == "jaccl-ring" and n > 2
+                     else "one per other host, in rank order")
+            raise ValueError(f"--rdma for host {i} is {text!r}: {len(names)} device(s), but "
+                             f"{backend} needs {len(peers)} ({order}), e.g. --rdma "
+                             f"{','.join(f'rdma_en{k + 2}' for k in range(len(peers)))}")
+        row = [None] * n
+        for j, name in zip(peers, names):
+            devs = [d for d in name.split("+") if d]
+            row[j] = devs[0] if len(devs) == 1 else devs
+        out.append(row)
+    return out
+
+
+def build_hostfile(hosts: list, ips=None, backend: str = "ring", envs=None,
+                   rdma=None) -> dict:
     """The hostfile for `hosts` (ssh names), with `ips` (one per host) or the hosts' own
-    names where those are IP addresses already. Raises ValueError with the fix."""
+    names where those are IP addresses already; for jaccl backends `rdma`, one --rdma
+    value per host (rdma_matrix). Raises ValueError with the fix."""
     if not hosts or any(not h.strip() for h in hosts):
         raise ValueError("--hosts needs comma-separated ssh names or addresses, e.g. "
                          "mac1.local,mac2.local (no empty entries)")
     if ips is not None and len(ips) != len(hosts):
         raise ValueError(f"--hosts has {len(hosts)} entries but --ips has {len(ips)}; give one "
                          f"IP per host, in the same order")
+    if backend in RDMA_BACKENDS:
+        if not rdma or len(rdma) != len(hosts):
+            raise ValueError(f"the {backend} backend needs --rdma once per host, in rank "
+                             f"order ({len(hosts)} hosts, {len(rdma or [])} given): the RDMA "
+                             f"devices (ibv_devices on that host, e.g. rdma_en2) of its "
+                             f"cables to " + ("the previous and the next host" if backend ==
+                                              "jaccl-ring" else "every other host"))
+        rdma = rdma_matrix(rdma, backend)
+    elif rdma:
+        raise ValueError(f"--rdma is for the jaccl and jaccl-ring backends, not {backend}; "
+                         f"pass --backend jaccl (every pair of hosts cabled) or jaccl-ring "
+                         f"(each host cabled to the next)")
     entries = []
     for i, h in enumerate(hosts):
         host_ips = [ips[i]] if ips is not None else ([h] if is_ip(h) else [])
-        if backend == "ring" and not host_ips:
-            raise ValueError(f"host {i} ({h}) is a name, and the ring backend needs IP "
-                             f"addresses: pass --ips with one address per host (on a Mac: "
-                             f"ipconfig getifaddr en0, or the Thunderbolt Bridge address)")
+        if not host_ips and (backend == "ring" or (backend in RDMA_BACKENDS and i == 0)):
+            need = ("the ring backend needs IP addresses" if backend == "ring" else
+                    f"the {backend} backend's coordinator is rank 0 at its IP")
+            raise ValueError(f"host {i} ({h}) is a name, and {need}: pass --ips with one "
+                             f"address per host (on a Mac: ipconfig getifaddr en0, or the "
+                             f"Thunderbolt Bridge address)")
         entry = {"ssh": h}
         if host_ips:
             entry["ips"] = host_ips
+        if rdma:
+            entry["rdma"] = rdma[i]
         entries.append(entry)
     return {"backend": backend, "envs": list(envs or []), "hosts": entries}
 
@@ -113,12 +173,7 @@ def build_hostfile(hosts: list, ips=None, backend: str = "ring", envs=None) -> d
 def probe(ssh_host: str, python: str, ssh: str, timeout: float) -> dict:
     """Run SNIPPET on one host: {'ok': bool, 'facts': {...}} or {'ok': False, 'error': str}."""
     local = ssh_host in LOCAL_HOSTS
-    remote_cmd = f"{python} -c {shlex.quote(SNIPPET)} {shlex.quote(str(ROOT))}"
-    if local:
-        cmd = [python, "-c", SNIPPET, str(ROOT)]
-    else:
-        cmd = [*shlex.split(ssh), "-o", "BatchMode=yes", "-o",
-               f"ConnectTimeout={max(int(timeout), 1)}", ssh_host, remote_cmd]
+    cmd = host_command(ssh_host, python, ssh, timeout, ["-c", SNIPPET, str(ROOT)])
     how = "locally" if local else f"over ssh ({ssh} {ssh_host})"
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -297,7 +352,7 @@ def cmd_write(args) -> int:
     hosts = args.hosts.split(",")
     ips = args.ips.split(",") if args.ips else None
     try:
-        data = build_hostfile(hosts, ips, args.backend, args.env)
+        data = build_hostfile(hosts, ips, args.backend, args.env, args.rdma)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -321,8 +376,9 @@ def cmd_write(args) -> int:
 def cmd_check(args) -> int:
     data, problems = load_hostfile(args.hostfile)
     results = {}
-    if data is not None and not any("\"hosts\"" in p.message and p.level == "error"
-                                    for p in problems):
+    reachable = data is not None and not any("\"hosts\"" in p.message and p.level == "error"
+                                             for p in problems)
+    if reachable:
         results, more = check_hosts(data, args.python, args.ssh, args.timeout)
         problems += more
     hosts = data.get("hosts") if isinstance(data, dict) else data
@@ -332,13 +388,41 @@ def cmd_check(args) -> int:
     for i, h in enumerate(hosts):
         if isinstance(h, dict) and h.get("ssh") in results:
             ranks.setdefault(h["ssh"], []).append(i)
+    records, link_lines, plan_lines, plan_json, notes = [], [], [], None, []
+    answered = reachable and all(r["ok"] for r in results.values()) and \
+        all(isinstance(h, dict) and h.get("ssh") in results for h in hosts)
+    if answered:
+        data = data if isinstance(data, dict) else {"hosts": hosts}
+        problems += ring_check.rdma_device_problems(data, results)
+        problems += ring_check.saved_links_problems(data)
+        why_not = "links not measured (--no-links)" if args.no_links else \
+            ring_check.can_measure(data)
+        if why_not:
+            notes.append(Problem("note", why_not))
+        else:
+            records, more, link_lines = ring_check.measure_links(
+                data, [h["ssh"] for h in hosts], args.python, args.ssh, args.timeout)
+            problems += more
+        if args.model:
+            plan_lines, more, plan_json = ring_check.plan_report(data, results, records, args)
+            problems += more
+    problems += notes
     errors = [p for p in problems if p.level == "error"]
+    if args.save:
+        if records and not any("error" in r for r in records):
+            print(ring_check.save_links(args.hostfile, records), file=sys.stderr)
+        else:
+            print("error: --save: no complete set of measured links to save (see above)",
+                  file=sys.stderr)
+            errors.append(Problem("error", "--save had nothing to save"))
     if args.json:
-        print(json.dumps({"ok": not errors, "hosts": results,
-                          "problems": [p.__dict__ for p in problems]}))
+        print(json.dumps({"ok": not errors, "hosts": results, "links": records,
+                          "plan": plan_json, "problems": [p.__dict__ for p in problems]}))
     else:
         for name, res in results.items():
             print(describe_host(name, ranks.get(name, []), res))
+        for line in link_lines + plan_lines:
+            print(line)
         for p in problems:
             print(p)
         total = sum(r["facts"].get("available", 0) for r in results.values() if r["ok"])
@@ -358,6 +442,11 @@ def main(argv=None) -> int:
     w.add_argument("--backend", default="ring", choices=["ring", "mpi", "nccl", "jaccl",
                                                           "jaccl-ring"])
     w.add_argument("--env", action="append", default=[], help="NAME=value for every rank")
+    w.add_argument("--rdma", action="append", metavar="DEV[,DEV...]",
+                   help="jaccl/jaccl-ring: once per host, in rank order, the RDMA devices "
+                   "(ibv_devices) of its cables to its peers in rank order (jaccl: every "
+                   "other host; jaccl-ring: the previous host, then the next), e.g. "
+                   "rdma_en2,rdma_en3; '+' joins several cables to one peer")
     w.add_argument("-o", "--output", help="file to write (default: stdout)")
     c = sub.add_parser("check", help="validate a hostfile and reach every host in it")
     c.add_argument("hostfile")
@@ -365,6 +454,20 @@ def main(argv=None) -> int:
     c.add_argument("--python", default="python3", help="Python to run on the hosts")
     c.add_argument("--ssh", default="ssh", help="ssh command, e.g. 'ssh -p 2222'")
     c.add_argument("--json", action="store_true", help="print one JSON report")
+    c.add_argument("--no-links", action="store_true",
+                   help="do not measure the links along the ring")
+    c.add_argument("--save", action="store_true",
+                   help="record the measured links in the hostfile (\"links\", and an envs "
+                   "entry the ranks read) so jobs plan with them")
+    c.add_argument("--model", help="also plan this model on these hosts (as run.py's "
+                   "--model), over the measured links")
+    c.add_argument("--synthetic", metavar="PRESET", help="with --model: a synthetic preset")
+    c.add_argument("--dtype", choices=list(DTYPE_NAMES), default="float32",
+                   help="with --synthetic: its dtype")
+    c.add_argument("--bits", type=int, choices=[4, 8], help="with --synthetic: quantized")
+    c.add_argument("--max-kv-tokens", type=int, default=4096)
+    c.add_argument("--max-batch", type=int, default=1)
+    c.add_argument("--memory-limit", type=parse_memory_limits, metavar="GB[,GB...]")
     args = p.parse_args(argv)
     return cmd_write(args) if args.cmd == "write" else cmd_check(args)
 

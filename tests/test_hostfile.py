@@ -173,8 +173,13 @@ def mac_output(host, ip, macos="15.3.1", chip="Apple M2 Ultra", ram_gib=192, wir
 def macs_hostfile(tmp_path, backend, outputs):
     """A hostfile of Macs, and an ssh stand-in that prints each one's SNIPPET output."""
     hf = tmp_path / "macs.json"
-    hf.write_text(json.dumps({"backend": backend, "hosts": [
-        {"ssh": o["hostname"], "ips": [o["addresses"][1]]} for o in outputs]}))
+    hosts = [{"ssh": o["hostname"], "ips": [o["addresses"][1]]} for o in outputs]
+    if backend in ("jaccl", "jaccl-ring"):  # a device to every peer (jaccl-ring uses 2)
+        for i, h in enumerate(hosts):
+            h["rdma"] = [None if j == i else f"rdma_en{j + 2}" for j in range(len(hosts))]
+        for o in outputs:  # each Mac's ibv_devices, as the snippet reports them
+            o["rdma_devices"] = [f"rdma_en{j + 2}" for j in range(len(hosts))]
+    hf.write_text(json.dumps({"backend": backend, "hosts": hosts}))
     answers = tmp_path / "answers.json"
     answers.write_text(json.dumps({o["hostname"]: o for o in outputs}))
     script = tmp_path / "mac-ssh"
@@ -191,7 +196,7 @@ def test_check_reports_each_macs_chip_macos_ram_working_set_and_wired_limit(tmp_
         mac_output("studio1", "192.168.100.1"),
         mac_output("mbp", "192.168.100.2", macos="26.2", chip="Apple M4 Max", ram_gib=128,
                    wired="110000")])
-    c = tool("check", hf, "--ssh", ssh)
+    c = tool("check", hf, "--ssh", ssh, "--no-links")  # the stand-in runs no link probe
     assert c.returncode == 0, c.stdout + c.stderr
     assert ("    Apple M2 Ultra, macOS 15.3.1, 206.16 GB (192 GiB) RAM; Metal keeps up to "
             "154.62 GB (147456 MiB, 75% of RAM) resident (recommended working set); GPU wired "
@@ -203,7 +208,7 @@ def test_check_reports_each_macs_chip_macos_ram_working_set_and_wired_limit(tmp_
     assert ("note: host 0 (studio1) runs macOS 15.3.1: mlx's RDMA backends (jaccl, jaccl-ring) "
             "would need macOS 26.2 or newer; the ring backend works") in c.stdout
     assert "host 1 (mbp) runs" not in c.stdout and "warning" not in c.stdout
-    report = json.loads(tool("check", hf, "--ssh", ssh, "--json").stdout)
+    report = json.loads(tool("check", hf, "--ssh", ssh, "--json", "--no-links").stdout)
     assert report["hosts"]["mbp"]["mac"] == {
         "chip": "Apple M4 Max", "macos": "26.2", "ram": 128 * 2**30,
         "working_set": 110000 * 2**20, "wired_limit_mb": 110000}
