@@ -87,6 +87,17 @@ def test_prompt_that_is_not_utf8():
 
 
 @pytest.mark.timeout(60)
+def test_first_timeout_below_timeout_is_refused():
+    """It used to be raised to --timeout without a word (issue 11, item 4)."""
+    job = run_bad([*TINY, "--timeout", "30", "--first-timeout", "5"])
+    for r in (0, 1):
+        e = one_error(job, r)
+        assert "--first-timeout (5 s) is below --timeout (30 s)" in e, e
+        assert "raise --first-timeout to at least 30" in e, e
+    assert set(job.exit_codes.values()) == {2}
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("value", ["inf", "nan", "64,inf"])
 def test_memory_limit_not_a_finite_number(value):
     job = run_bad([*TINY, "--memory-limit", value])
