@@ -22,7 +22,7 @@ from tests.test_faults import DECODE, SLOW, THREE, generated
 
 STOP_S = 10.0  # every rank gone within this of the signal
 sys.path.insert(0, str(ROOT / "launch"))
-from start import job_status  # noqa: E402
+from start import WRITE_POLL_S, calm_select, job_status  # noqa: E402
 
 
 def check_all_stopped(job, exits, status=None):
@@ -142,3 +142,38 @@ def test_job_status_prefers_the_rank_at_fault():
     assert job_status({0: 130, 1: 3, 2: 3}) == 130  # Ctrl-C on rank 0
     assert job_status({0: 3, 1: "killed", 2: 3}) == 143
     assert job_status({0: 3, 1: 3}) == 3
+
+
+def test_the_launchers_output_loop_waits_instead_of_spinning():
+    """mlx.launch's per-rank loop selects on the rank's stdin pipe, always writable, so
+    plain select() returns at once and the loop spins; calm_select must wait for output
+    (or WRITE_POLL_S) first, still report the pipe writable, and return at once when
+    there is output to read."""
+    import os
+    import select as select_module
+
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    calm = calm_select(select_module.select)
+    try:
+        t0 = time.perf_counter()
+        spins = 0
+        while time.perf_counter() - t0 < 0.5:
+            readable, writable, _ = calm([r], [w2], [], 1.0)
+            assert readable == [] and writable == [w2]
+            spins += 1
+        assert spins <= 0.5 / WRITE_POLL_S + 2, spins  # plain select(): many thousands
+        plain = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.05:
+            select_module.select([r], [w2], [], 1.0)
+            plain += 1
+        assert plain > spins, (plain, spins)  # in a tenth of the time: what the patch is for
+        os.write(w, b"x")
+        t0 = time.perf_counter()
+        readable, writable, _ = calm([r], [w2], [], 1.0)
+        assert readable == [r] and writable == [w2]
+        assert time.perf_counter() - t0 < WRITE_POLL_S / 2
+    finally:
+        for fd in (r, w, r2, w2):
+            os.close(fd)
