@@ -19,8 +19,9 @@ Layout (n >= 3; n == 2 has just the one link between the two):
     link L joins host L-1 (172.31.L.1/24) and host L (172.31.L.2/24), L = 0..n-1 mod n
     hostfile ips[i] = 172.31.i.2: host i's address on the link from host i-1, which is
     where mlx's ring backend has rank i-1 connect (rank i listens on ips[i])
-    every host forwards and routes the other links' subnets the short way round the ring,
-    so any host reaches any other (the liveness channel connects every pair of ranks)
+    every host forwards, and routes every other host's addresses the short way round the
+    ring to that host, so any host reaches any other (the liveness channel connects every
+    pair of ranks at their ring IPs) and one host cut off does not cut the others apart
     management: a veth from the root namespace to each host, 10.X.Y.(4i+2)/30, unshaped
     (the Macs' LAN), carrying ssh only; X.Y is picked per run to avoid the root's routes
 
@@ -60,6 +61,7 @@ PREFIX = "nsc"
 RING_NET = "172.31.{link}.{end}"  # inside the namespaces only: no clash with the root's
 MAX_HOSTS = 60  # a /30 per host in the run's management /24
 WIRE_START_S = 10.0
+LINK_UP_S = 10.0  # both ends of a link carrying again after link_up, at most
 STOP_GRACE_S = 1.0  # SIGTERM, then this, then SIGKILL
 CMD_S = 30  # one ip/tc command, at most
 WIRE = Path(__file__).resolve().parent / "netns_wire.py"
@@ -269,19 +271,24 @@ class Cluster:
             self.exec(h.index, ["ip", "link", "set", f"m{self.id}", "up"], check=True)
 
     def _routes(self):
-        """Each other link's subnet via the neighbour on the shorter side of the ring."""
+        """Each address of every other host that is not on one of this host's own links,
+        as a /32 towards its owner the short way round the ring (ties: clockwise): so
+        host 0 reaches host 2's address on the link 1-2 straight over the link 2-0, and
+        losing host 1 does not cut 0 from 2 (the liveness channel goes to ring IPs)."""
         n = self.n
         if n == 2:
             return
         for i in range(n):
-            for L in range(n):
-                if L in (i, (i + 1) % n):
-                    continue  # its own links
-                clockwise = (L - 1 - i) % n <= (i - L) % n
-                via = RING_NET.format(link=(i + 1) % n, end=2) if clockwise \
-                    else RING_NET.format(link=i, end=1)
-                self.exec(i, ["ip", "route", "replace", RING_NET.format(link=L, end=0) + "/24",
-                              "via", via], check=True)
+            mine = {L for L, a, _, b, _ in self.links if i in (a, b)}
+            for L, a, _, b, _ in self.links:
+                if L in mine:
+                    continue  # a subnet of its own: the kernel's route
+                for owner, end in ((a, 1), (b, 2)):
+                    clockwise = (owner - i) % n <= (i - owner) % n
+                    via = RING_NET.format(link=(i + 1) % n, end=2) if clockwise \
+                        else RING_NET.format(link=i, end=1)
+                    self.exec(i, ["ip", "route", "replace", RING_NET.format(link=L, end=end),
+                                  "via", via], check=True)
 
     def _sshds(self):
         for h in self.hosts:
@@ -326,10 +333,23 @@ class Cluster:
         for ifname in self.hosts[i].ring_ifs:
             self.exec(i, ["ip", "link", "set", ifname, "down"], check=True)
 
-    def link_up(self, i: int):
+    def link_up(self, i: int, within: float = LINK_UP_S):
+        """Host i back on the ring: its interfaces up, then, once both ends of each of
+        its links carry again, the routes the kernel dropped and the neighbour entries
+        that failed meanwhile (else the first packets after are refused, EHOSTUNREACH)."""
         for ifname in self.hosts[i].ring_ifs:
             self.exec(i, ["ip", "link", "set", ifname, "up"], check=True)
-        self._routes()  # the kernel dropped the routes through the interfaces it downed
+        ends = [(h, ifname) for L, a, ifa, b, ifb in self.links if i in (a, b)
+                for h, ifname in ((a, ifa), (b, ifb))]
+        end = time.monotonic() + within
+        while any("state DOWN" in self.exec(h, ["ip", "-o", "link", "show", ifname]).stdout
+                  for h, ifname in ends):
+            if time.monotonic() > end:
+                raise RuntimeError(f"host {i}'s ring links did not come up within {within} s")
+            time.sleep(0.05)
+        for h, ifname in ends:
+            self.exec(h, ["ip", "neigh", "flush", "dev", ifname])
+        self._routes()
 
     def measure_hop(self, i: int, count: int = 200, size: int = 64, bulk_mb: float = 8.0,
                     timeout: float = 60) -> dict:
@@ -506,5 +526,5 @@ def down(run_id: str) -> bool:
     if not state_file.exists():
         return False
     teardown(json.loads(state_file.read_text()))
-    state_file.unlink(missing_ok=True)
+    shutil.rmtree(RUNS / run_id, ignore_errors=True)
     return True
