@@ -28,7 +28,9 @@ Layout (n >= 3; n == 2 has just the one link between the two):
 Links (`link=`): "veth" pairs, shaped by `tbf` for rate and `netem` for delay and loss
 where the kernel has netem; otherwise ("wire", what "auto" picks for a delayed profile
 on a kernel without netem) TUN pairs joined by tests/netns_wire.py, a process that holds
-each packet for the one-way delay and drops a fraction, with `tbf` for rate.
+each packet for the one-way delay and drops a fraction, with `tbf` for rate. The wire
+runs at real-time priority (SCHED_FIFO 1) so that it forwards before the ranks compute,
+as a kernel would; NETNS_WIRE_REALTIME=0 runs it as an ordinary process.
 
 Names come from a per-run id (namespaces `nsc-ID-hI`, interfaces `rIDlLa`, `mIDhI`), so
 parallel runs never collide. Teardown (close(), `with`, launch/cluster_sim.py down) kills
@@ -224,6 +226,7 @@ class Cluster:
                           for L, a, ifa, b, ifb in self.links],
                 "one_way_s": self.profile.one_way_s, "loss": self.profile.loss,
                 "seed": int(self.id, 16), "parent": self.owner,
+                "realtime": os.environ.get("NETNS_WIRE_REALTIME", "1") != "0",
                 "stats": str(self.dir / "wire_stats.json")}
         (self.dir / "wire.json").write_text(json.dumps(spec))
         log = open(self.dir / "wire.log", "wb")
