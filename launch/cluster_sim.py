@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests import netns_cluster  # noqa: E402
+from tests import netns_cleanup, netns_cluster  # noqa: E402
 from tests.netns_profiles import PROFILES  # noqa: E402
 
 RUN_TIMEOUT_S = 3600  # `run`'s command, at most
@@ -67,24 +67,24 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     if args.all:
-        ids = [p.parent.name for p in netns_cluster.RUNS.glob("*/state.json")]
+        ids = [p.parent.name for p in netns_cleanup.RUNS.glob("*/state.json")]
     elif args.id:
         ids = [args.id]
     else:
         sys.exit("cluster_sim down: give a cluster id (see `list`) or --all")
     status = 0
     for run_id in ids:
-        if netns_cluster.down(run_id):
+        if netns_cleanup.down(run_id):
             print(f"cluster {run_id}: torn down")
         else:
-            print(f"cluster {run_id}: no such cluster under {netns_cluster.RUNS} "
+            print(f"cluster {run_id}: no such cluster under {netns_cleanup.RUNS} "
                   "(see `list`)", file=sys.stderr)
             status = 1
     return status
 
 
 def cmd_list(args) -> int:
-    for p in sorted(netns_cluster.RUNS.glob("*/state.json")):
+    for p in sorted(netns_cleanup.RUNS.glob("*/state.json")):
         state = json.loads(p.read_text())
         owner = state.get("owner") or "none (by hand)"
         print(f"{state['id']}: {len(state['namespaces'])} hosts, owner {owner}, "
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("down")
     d.add_argument("id", nargs="?")
     d.add_argument("--all", action="store_true", help="every cluster under " +
-                   str(netns_cluster.RUNS))
+                   str(netns_cleanup.RUNS))
     sub.add_parser("list")
     args = p.parse_args(argv)
     return {"up": cmd_up, "down": cmd_down, "list": cmd_list, "run": cmd_run,

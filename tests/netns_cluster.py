@@ -45,39 +45,25 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests import netns_ssh
+from tests.netns_cleanup import CMD_S, RUNS, run, stop, sweep_stale, teardown
 from tests.netns_profiles import Profile, profile as find_profile
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = Path(tempfile.gettempdir()) / "netns-cluster"  # one folder per run: state, keys, logs
 PREFIX = "nsc"
 RING_NET = "172.31.{link}.{end}"  # inside the namespaces only: no clash with the root's
 MAX_HOSTS = 60  # a /30 per host in the run's management /24
 WIRE_START_S = 10.0
 LINK_UP_S = 10.0  # both ends of a link carrying again after link_up, at most
-STOP_GRACE_S = 1.0  # SIGTERM, then this, then SIGKILL
-CMD_S = 30  # one ip/tc command, at most
 WIRE = Path(__file__).resolve().parent / "netns_wire.py"
 PROBE = Path(__file__).resolve().parent / "netns_probe.py"
-
-
-def run(cmd: list, check: bool = True, timeout: float = CMD_S) -> subprocess.CompletedProcess:
-    """A command, its output captured; a failure says which command and why."""
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"`{' '.join(map(str, cmd))}` failed ({p.returncode}): "
-                           f"{p.stderr.strip() or p.stdout.strip()}")
-    return p
 
 
 def unavailable_reason(profile_name="none", link: str = "auto", install: bool = True):
@@ -371,7 +357,7 @@ class Cluster:
                           timeout=timeout)
             return json.loads(p.stdout.strip().splitlines()[-1])
         finally:
-            _stop(server)
+            stop(server)
 
     def wire_stats(self) -> list:
         """Per link direction: packets forwarded, dropped (loss), failed (link down);
@@ -393,13 +379,13 @@ class Cluster:
     def close(self):
         """Everything goes: processes in the namespaces, sshds, wire, namespaces, links."""
         for p in self.sshds:
-            _stop(p)
+            stop(p)
         teardown({"namespaces": [h.netns for h in self.hosts],
                   "root_ifs": [f"m{self.id}h{h.index}" for h in self.hosts], "pids": []})
         if self.wire is not None:
-            _stop(self.wire)
+            stop(self.wire)
             self.wire = None
-        self.final_wire_stats = self.wire_stats()
+        self.final_wire_stats = self.wire_stats() or self.final_wire_stats  # a 2nd close
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
@@ -426,23 +412,6 @@ def _read_line(proc: subprocess.Popen, within: float) -> str:
         sel.close()
 
 
-def _stop(proc: subprocess.Popen):
-    """SIGTERM to its process group (it leads one: start_new_session), SIGKILL after
-    STOP_GRACE_S."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            proc.send_signal(sig)
-        try:
-            proc.wait(STOP_GRACE_S if sig == signal.SIGTERM else 5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _free_mgmt_net(run_id: str) -> str:
     """A 10.X.Y.0/24 that no route or address of the root namespace overlaps."""
     taken = []
@@ -459,75 +428,3 @@ def _free_mgmt_net(run_id: str) -> str:
         if not any(net.overlaps(t) for t in taken if t.prefixlen > 0):
             return str(net)
     raise RuntimeError("no free 10.200-254.x.0/24 for the management links")
-
-
-def _netns_pids(ns: str) -> list:
-    p = run(["ip", "netns", "pids", ns], check=False)
-    return [int(x) for x in p.stdout.split() if x.isdigit()]
-
-
-def teardown(state: dict):
-    """Kill every process inside the namespaces (ranks, sshds, probes), then the listed
-    pids that are still ours (sshd, the wire), then delete namespaces and root links."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = [pid for ns in state["namespaces"] for pid in _netns_pids(ns)]
-        pids += [p for p in state.get("pids", []) if _ours(p)]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        end = time.monotonic() + STOP_GRACE_S
-        while pids and time.monotonic() < end and any(_alive(p) for p in pids):
-            time.sleep(0.05)
-    for ns in state["namespaces"]:
-        run(["ip", "netns", "del", ns], check=False)
-    for ifname in state.get("root_ifs", []):
-        if Path(f"/sys/class/net/{ifname}").exists():
-            run(["ip", "link", "del", ifname], check=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _ours(pid: int) -> bool:
-    """Whether pid is still a process this harness started (sshd or the wire), not a
-    stranger that got the number."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return "netns_wire.py" in cmd or (netns_ssh.SSHD in cmd and str(RUNS) in cmd)
-
-
-def sweep_stale() -> list:
-    """Tear down clusters whose owner process is gone (a test run killed with -9);
-    clusters started by hand (no owner) stay until `cluster_sim.py down`."""
-    swept = []
-    for state_file in RUNS.glob("*/state.json") if RUNS.exists() else []:
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            continue
-        owner = state.get("owner")
-        if owner and not _alive(owner):
-            teardown(state)
-            state_file.unlink(missing_ok=True)
-            swept.append(state["id"])
-    return swept
-
-
-def down(run_id: str) -> bool:
-    """Tear down the cluster with this id (from its state file); False if none."""
-    state_file = RUNS / run_id / "state.json"
-    if not state_file.exists():
-        return False
-    teardown(json.loads(state_file.read_text()))
-    shutil.rmtree(RUNS / run_id, ignore_errors=True)
-    return True
