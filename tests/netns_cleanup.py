@@ -110,7 +110,7 @@ def sweep_stale() -> list:
         owner = state.get("owner")
         if owner and not alive(owner):
             teardown(state)
-            state_file.unlink(missing_ok=True)
+            shutil.rmtree(state_file.parent, ignore_errors=True)
             swept.append(state["id"])
     return swept
 

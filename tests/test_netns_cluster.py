@@ -23,6 +23,7 @@ import pytest
 from dist_runtime.faults import CONFIRM_S, EXIT_PEER_LOST
 from tests.launcher import ROOT, Job, launch
 from tests.live import LiveJob, alive
+from tests import netns_cluster, netns_ssh
 from tests.netns_cluster import Cluster, unavailable_reason
 
 MODEL = ["--model", "glm4_moe", "--synthetic", "tiny", "--split", "1,2,1"]
@@ -183,3 +184,22 @@ def test_bad_input_is_refused_with_the_value():
         Cluster(3, "adsl")
     with pytest.raises(ValueError, match="2 to .* hosts, got n=1"):
         Cluster(1)
+
+
+def test_without_namespaces_or_sshd_the_reason_is_given(monkeypatch):
+    """What the tests skip with where namespaces are not allowed or sshd is missing."""
+    real_run = netns_cluster.run
+
+    def refused(cmd, check=True, timeout=30):
+        if cmd[:3] == ["ip", "netns", "add"]:
+            return subprocess.CompletedProcess(cmd, 1, "", "mount --make-shared /run/netns "
+                                               "failed: Operation not permitted")
+        return real_run(cmd, check, timeout)
+    monkeypatch.setattr(netns_cluster, "run", refused)
+    reason = unavailable_reason("wifi")
+    assert "cannot create network namespaces" in reason and "not permitted" in reason
+    monkeypatch.setattr(netns_ssh, "SSHD", "/nonexistent/sshd")
+    assert "/nonexistent/sshd is not installed (apt-get install openssh-server)" in \
+        netns_ssh.sshd_missing_reason(install=False)
+    monkeypatch.setattr(netns_ssh.os, "geteuid", lambda: 1000)
+    assert "cannot be installed here (needs root" in netns_ssh.sshd_missing_reason()
