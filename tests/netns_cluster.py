@@ -113,6 +113,8 @@ def _link_kind(prof: Profile, link: str) -> str:
 
 @dataclass
 class Host:
+    """One simulated machine: what a test needs to reach it, and to cut it off."""
+
     index: int
     ssh: str  # ssh alias and host name: h{i}-{run id}
     netns: str
@@ -150,6 +152,7 @@ class Cluster:
         self.ssh = None
         self.keep = keep
         self.final_wire_stats: list = []
+        self.wire_exit, self.wire_log = None, ""  # how the wire ended (after close())
 
     # -- building ---------------------------------------------------------------------
 
@@ -384,7 +387,10 @@ class Cluster:
                   "root_ifs": [f"m{self.id}h{h.index}" for h in self.hosts], "pids": []})
         if self.wire is not None:
             stop(self.wire)
+            self.wire_exit = self.wire.returncode
             self.wire = None
+            log = self.dir / "wire.log"
+            self.wire_log = log.read_text()[-2000:] if log.exists() else ""
         self.final_wire_stats = self.wire_stats() or self.final_wire_stats  # a 2nd close
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -185,6 +185,10 @@ def main(argv: list) -> int:
         wire.stop = True
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # A parent may have blocked them (launch/run.py and launch/start.py do, in-process in
+    # some tests), and a child inherits the mask: unblocked, SIGTERM stops the wire in
+    # order (its stats written) instead of waiting for the SIGKILL.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     print("ready", flush=True)
     wire.run()
     return 0

@@ -97,7 +97,8 @@ def test_three_hosts_over_ssh_give_the_tokens_of_one_process(reference):
             per_link[row["link"]] = per_link.get(row["link"], 0) + row["bytes"]
         # every link carried at least the prompt's hidden states ([1, 8, 64] float32 per
         # chunk and hop, the tiny preset) besides heartbeats
-        assert len(per_link) == 3 and min(per_link.values()) > 8 * 64 * 4, per_link
+        assert len(per_link) == 3 and min(per_link.values()) > 8 * 64 * 4, \
+            f"{per_link}; the wire exited {c.wire_exit}: {c.wire_log}"
 
 
 @pytest.mark.timeout(180)
@@ -119,7 +120,7 @@ def test_wifi_links_slow_and_lossy_still_give_the_same_tokens(reference):
 def test_a_host_cut_off_the_ring_is_named_by_the_others():
     """Host 1's ring links go down mid-decode (its process runs on, its sockets stay
     open): ranks 0 and 2, which still reach each other over the link 2-0, name rank 1
-    within the heartbeat deadline; every rank exits, none hangs."""
+    within the heartbeat deadline, and no other; every rank exits, none hangs."""
     c = cluster(3, "none")  # veth links, unshaped
     args = [*MODEL, *DECODE, "--timeout", str(RING_TIMEOUT), "--heartbeat-timeout",
             str(HEARTBEAT)]
@@ -133,11 +134,19 @@ def test_a_host_cut_off_the_ring_is_named_by_the_others():
         assert set(exits) == {0, 1, 2}, f"exited: {exits}\n{job.report()}"
         assert max(exits[0], exits[2]) <= HEARTBEAT + CONFIRM_S + 5, exits
         job.wait(15)
+        # Who is heard: once one rank exits with an error mlx.launch kills the others'
+        # ssh clients, and what those ranks print after is lost (on 127.0.0.1 it signals
+        # the ranks themselves and their last lines come through). Rank 1 hears no one
+        # and holds its verdict (dist_runtime/liveness.py, CUT_OFF_GRACE_S), so rank 0 or
+        # rank 2, or both, name it first; no rank blames another (before the hold, rank
+        # 1 often spoke first and named rank 0, the only line the user saw).
         host = c.hosts[1].ssh
-        for r in (0, 2):
-            assert any(f"rank 1 ({host}) stopped answering" in e
-                       for e in job.errors.get(r, [])), \
-                f"rank {r} did not name rank 1:\n{job.report()}"
+        said = {r: job.errors.get(r, []) for r in (0, 2)}
+        assert any(f"rank 1 ({host}) stopped answering" in e for r in (0, 2) for e in said[r]), \
+            f"neither rank 0 nor rank 2 named rank 1:\n{job.report()}"
+        wrong = [e for r in (0, 1, 2) for e in job.errors.get(r, []) if "stopped answering"
+                 in e and not e.startswith(f"rank 1 ({host})")]
+        assert not wrong, f"blamed another rank: {wrong}\n{job.report()}"
         # mlx.launch (0.32.4) reports no exit code for a remote rank it tried to kill:
         # over `ssh -tt` the pidfile name it reads ends in '\r', its kill script fails
         # and the rank's thread dies with CalledProcessError. So: every code it did
@@ -176,7 +185,8 @@ def test_the_cluster_is_laid_out_as_documented_and_leaves_nothing(link):
     assert not any(alive(p) for p in sshd_pids)
     assert not c.dir.exists()
     if link == "wire":
-        assert c.wire is None and c.final_wire_stats, "the wire wrote no stats"
+        assert c.wire is None and c.final_wire_stats, \
+            f"the wire wrote no stats; it exited {c.wire_exit}: {c.wire_log}"
 
 
 def test_bad_input_is_refused_with_the_value():
