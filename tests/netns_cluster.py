@@ -358,7 +358,11 @@ class Cluster:
             p = self.exec(i, [sys.executable, str(PROBE), "ping", self.hosts[j].address,
                               str(port), str(count), str(size), str(bulk_mb)], check=True,
                           timeout=timeout)
-            return json.loads(p.stdout.strip().splitlines()[-1])
+            lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+            if not lines:
+                raise RuntimeError(f"the probe printed no result: stdout {p.stdout!r}, "
+                                   f"stderr {p.stderr!r}")
+            return json.loads(lines[-1])
         finally:
             stop(server)
 

@@ -12,6 +12,7 @@ Skipped, with the reason, where namespaces cannot be made (not root, not Linux) 
 OpenSSH's sshd is missing and cannot be installed.
 """
 
+import json
 import random
 import subprocess
 import sys
@@ -53,14 +54,20 @@ def cluster(n, profile, **kw) -> Cluster:
     return Cluster(n, profile, **kw)
 
 
-def run_across(c: Cluster, args: list) -> Job:
+def run_across(c: Cluster, args: list, tmp_path) -> Job:
     """launch/run.py across the cluster under mlx.launch, on ring ports of its own.
-    Over `ssh -tt` a rank's stderr comes back on its terminal, so on mlx.launch's stdout:
-    the rank lines are looked for in both."""
+    Over `ssh -tt` a rank's stderr comes back on its terminal, so on mlx.launch's stdout,
+    where the ranks' chunks can split each other's lines: the rank lines are looked for
+    anywhere in both streams, and rank 0's summary is read from --json-out (the hosts
+    share this machine's files)."""
     port = random.randrange(20000, 60000, 16)
-    p = subprocess.run(c.launch_cmd(port, ROOT / "launch/run.py", *args), env=c.env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=JOB_S, stdin=subprocess.DEVNULL)
-    return Job(p.stdout, p.stdout + "\n" + p.stderr)
+    out = tmp_path / f"summary-{port}.json"
+    p = subprocess.run(c.launch_cmd(port, ROOT / "launch/run.py", *args, "--json-out", out),
+                       env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=JOB_S,
+                       stdin=subprocess.DEVNULL)
+    job = Job("", p.stdout + "\n" + p.stderr)
+    job.summary = json.loads(out.read_text()) if out.exists() else None
+    return job
 
 
 class SshJob(LiveJob):
@@ -84,12 +91,12 @@ def check_same_as_one_process(job: Job, c: Cluster, ref: dict):
 
 
 @pytest.mark.timeout(180)
-def test_three_hosts_over_ssh_give_the_tokens_of_one_process(reference):
+def test_three_hosts_over_ssh_give_the_tokens_of_one_process(reference, tmp_path):
     """Thunderbolt-like links: the same tokens, and the ring's traffic went over the
     shaped links (the wire forwarded it) rather than some other way."""
     c = cluster(3, "thunderbolt-tcp")
     with c:
-        job = run_across(c, [*MODEL, *GEN])
+        job = run_across(c, [*MODEL, *GEN], tmp_path)
         check_same_as_one_process(job, c, reference)
     if c.kind == "wire":
         per_link = {}
@@ -102,7 +109,7 @@ def test_three_hosts_over_ssh_give_the_tokens_of_one_process(reference):
 
 
 @pytest.mark.timeout(180)
-def test_wifi_links_slow_and_lossy_still_give_the_same_tokens(reference):
+def test_wifi_links_slow_and_lossy_still_give_the_same_tokens(reference, tmp_path):
     """6 ms round trips and 0.1% loss: slower, the same tokens. The link's measured round
     trip shows the shaping was in force."""
     c = cluster(3, "wifi")
@@ -110,7 +117,7 @@ def test_wifi_links_slow_and_lossy_still_give_the_same_tokens(reference):
         hop = c.measure_hop(0, count=20, bulk_mb=1)
         assert hop["rtt_ms_median"] >= c.profile.rtt_ms, hop
         t = time.monotonic()
-        job = run_across(c, [*MODEL, *GEN])
+        job = run_across(c, [*MODEL, *GEN], tmp_path)
         took = time.monotonic() - t
         check_same_as_one_process(job, c, reference)
     print(f"wifi: hop {hop['rtt_ms_median']} ms, job {took:.1f} s, wire {c.final_wire_stats}")
