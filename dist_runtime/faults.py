@@ -42,8 +42,9 @@ import mlx.core as mx
 EXIT_PEER_LOST = 3  # exit code of a rank that gave up waiting for another
 
 # Why a Blame names a rank. SILENT: no heartbeat on the side channel (dist_runtime/liveness.py);
-# ORPHANED: the rank stopped because its launcher is gone (dist_runtime/lifecycle.py).
-LOST, TIMEOUT, SEND_TIMEOUT, FAILED, STOPPED, SILENT, ORPHANED = 1, 2, 3, 4, 5, 6, 7
+# ORPHANED: the rank stopped because its launcher is gone (dist_runtime/lifecycle.py);
+# CUT_OFF: the rank heard from no other rank at once: its own network is the likely cause.
+LOST, TIMEOUT, SEND_TIMEOUT, FAILED, STOPPED, SILENT, ORPHANED, CUT_OFF = 1, 2, 3, 4, 5, 6, 7, 8
 CONFIRM_S = 2.0  # s a rank that suspects a silent neighbour listens for better news
 NOTIFY_S = 1.0  # s at most spent sending an ABORT on the way out
 LISTEN_S = 0.5  # s a rank whose next rank vanished listens upstream for the reason
@@ -67,7 +68,7 @@ class Blame:
     rank: int
     reason: int  # LOST, TIMEOUT, SEND_TIMEOUT, FAILED or STOPPED
     reporter: int  # the rank that noticed
-    seconds: int = 0  # TIMEOUT / SEND_TIMEOUT / SILENT: how long the reporter waited
+    seconds: int = 0  # TIMEOUT / SEND_TIMEOUT / SILENT / CUT_OFF: how long it waited
     sig: int = 0  # STOPPED: the signal
 
     FIELDS = 5  # int32 values on the wire
@@ -110,6 +111,11 @@ class Blame:
             return (f"{who} stopped answering: no heartbeat from it for {self.seconds} s{seen}; "
                     f"it is stopped (SIGSTOP, Ctrl-Z, a debugger), hangs, or its host sleeps or "
                     f"is unreachable (deadline: --heartbeat-timeout)")
+        if self.reason == CUT_OFF:
+            who = "this rank" if self.rank == me else who
+            return (f"{who} lost every other rank at once (no heartbeat from any for "
+                    f"{self.seconds} s): its host's network or its link to the ring is likely "
+                    f"down (deadline: --heartbeat-timeout)")
         if self.reason == ORPHANED:
             return (f"{who} stopped because its launcher is gone (mlx.launch or launch/start.py "
                     f"was killed, or its terminal or ssh connection closed); stopping too")

@@ -39,8 +39,8 @@ import threading
 import time
 from typing import Callable, Optional
 
-from dist_runtime.faults import (LOST, SILENT, Blame, explained_by_suspension, recent_gap,
-                                  suspended_message)
+from dist_runtime.faults import (CUT_OFF, LOST, SILENT, Blame, explained_by_suspension,
+                                  recent_gap, suspended_message)
 
 BEAT_S = 0.5  # s between heartbeats
 TICK_S = 0.25  # the thread looks at its sockets and clocks this often
@@ -50,6 +50,12 @@ WORD_GRACE_S = 1.0  # s a peer's last word waits for this rank's own report of t
 GONE_GRACE_S = 0.3  # s a death waits for the ring's STOP that may explain it (a normal end)
 SUSPEND_GAP_S = 1.5  # a tick this late: this process did not run (SIGSTOP, host sleep)
 MAX_IPS = 8
+# A rank that hears from none of two or more peers (none for ALL_QUIET_S when one goes
+# past the deadline) is more likely cut off itself than watching them all fail at once:
+# it holds its verdict CUT_OFF_GRACE_S longer, so that the others, who still hear each
+# other, name it first, then says it lost them all (CUT_OFF), not that one of them died.
+ALL_QUIET_S = 3 * BEAT_S
+CUT_OFF_GRACE_S = 3.0
 
 # Peer states.
 CONNECTING, UP, DONE, LEFT, GONE, SILENT_STATE, UNWATCHED = (
@@ -327,8 +333,12 @@ class Liveness:
                     unwatched.append(p)  # it never connected: a firewall, or it hangs
                 elif p.state in (UP, CONNECTING) and p.sock is not None \
                         and now - p.last > self.timeout and self.verdict is None:
-                    p.state = SILENT_STATE
-                    self.verdict = Blame(p.rank, SILENT, self.rank, round(now - p.last))
+                    quiet = self._all_quiet(now)
+                    if quiet is None:
+                        p.state = SILENT_STATE
+                        self.verdict = Blame(p.rank, SILENT, self.rank, round(now - p.last))
+                    elif quiet > self.timeout + CUT_OFF_GRACE_S:
+                        self.verdict = Blame(self.rank, CUT_OFF, self.rank, round(quiet))
             if self.verdict is not None:
                 act = self.verdict
             else:
@@ -341,6 +351,17 @@ class Liveness:
             self._unwatched(p, f"it did not connect within {CONNECT_S:.0f} s")
         if act is not None and self.on_verdict is not None:
             self.on_verdict(act)
+
+    def _all_quiet(self, now: float) -> Optional[float]:
+        """Seconds since the last heartbeat from any peer when two or more are watched and
+        none has beaten for ALL_QUIET_S (this rank, not they, is likely cut off); else
+        None. Called under the lock."""
+        watched = [p for p in self.peers.values()
+                   if p.state in (UP, CONNECTING) and p.sock is not None]
+        if len(watched) < 2:
+            return None
+        quiet = now - max(p.last for p in watched)
+        return quiet if quiet > ALL_QUIET_S else None
 
     # -- questions from the other threads -------------------------------------------------
 

@@ -19,15 +19,18 @@ Layout (n >= 3; n == 2 has just the one link between the two):
     link L joins host L-1 (172.31.L.1/24) and host L (172.31.L.2/24), L = 0..n-1 mod n
     hostfile ips[i] = 172.31.i.2: host i's address on the link from host i-1, which is
     where mlx's ring backend has rank i-1 connect (rank i listens on ips[i])
-    every host forwards and routes the other links' subnets the short way round the ring,
-    so any host reaches any other (the liveness channel connects every pair of ranks)
+    every host forwards, and routes every other host's addresses the short way round the
+    ring to that host, so any host reaches any other (the liveness channel connects every
+    pair of ranks at their ring IPs) and one host cut off does not cut the others apart
     management: a veth from the root namespace to each host, 10.X.Y.(4i+2)/30, unshaped
     (the Macs' LAN), carrying ssh only; X.Y is picked per run to avoid the root's routes
 
 Links (`link=`): "veth" pairs, shaped by `tbf` for rate and `netem` for delay and loss
 where the kernel has netem; otherwise ("wire", what "auto" picks for a delayed profile
 on a kernel without netem) TUN pairs joined by tests/netns_wire.py, a process that holds
-each packet for the one-way delay and drops a fraction, with `tbf` for rate.
+each packet for the one-way delay and drops a fraction, with `tbf` for rate. The wire
+runs at real-time priority (SCHED_FIFO 1) so that it forwards before the ranks compute,
+as a kernel would; NETNS_WIRE_REALTIME=0 runs it as an ordinary process.
 
 Names come from a per-run id (namespaces `nsc-ID-hI`, interfaces `rIDlLa`, `mIDhI`), so
 parallel runs never collide. Teardown (close(), `with`, launch/cluster_sim.py down) kills
@@ -42,38 +45,25 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests import netns_ssh
+from tests.netns_cleanup import CMD_S, RUNS, run, stop, sweep_stale, teardown
 from tests.netns_profiles import Profile, profile as find_profile
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = Path(tempfile.gettempdir()) / "netns-cluster"  # one folder per run: state, keys, logs
 PREFIX = "nsc"
 RING_NET = "172.31.{link}.{end}"  # inside the namespaces only: no clash with the root's
 MAX_HOSTS = 60  # a /30 per host in the run's management /24
 WIRE_START_S = 10.0
-STOP_GRACE_S = 1.0  # SIGTERM, then this, then SIGKILL
-CMD_S = 30  # one ip/tc command, at most
+LINK_UP_S = 10.0  # both ends of a link carrying again after link_up, at most
 WIRE = Path(__file__).resolve().parent / "netns_wire.py"
 PROBE = Path(__file__).resolve().parent / "netns_probe.py"
-
-
-def run(cmd: list, check: bool = True, timeout: float = CMD_S) -> subprocess.CompletedProcess:
-    """A command, its output captured; a failure says which command and why."""
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"`{' '.join(map(str, cmd))}` failed ({p.returncode}): "
-                           f"{p.stderr.strip() or p.stdout.strip()}")
-    return p
 
 
 def unavailable_reason(profile_name="none", link: str = "auto", install: bool = True):
@@ -123,6 +113,8 @@ def _link_kind(prof: Profile, link: str) -> str:
 
 @dataclass
 class Host:
+    """One simulated machine: what a test needs to reach it, and to cut it off."""
+
     index: int
     ssh: str  # ssh alias and host name: h{i}-{run id}
     netns: str
@@ -160,6 +152,7 @@ class Cluster:
         self.ssh = None
         self.keep = keep
         self.final_wire_stats: list = []
+        self.wire_exit, self.wire_log = None, ""  # how the wire ended (after close())
 
     # -- building ---------------------------------------------------------------------
 
@@ -222,6 +215,7 @@ class Cluster:
                           for L, a, ifa, b, ifb in self.links],
                 "one_way_s": self.profile.one_way_s, "loss": self.profile.loss,
                 "seed": int(self.id, 16), "parent": self.owner,
+                "realtime": os.environ.get("NETNS_WIRE_REALTIME", "1") != "0",
                 "stats": str(self.dir / "wire_stats.json")}
         (self.dir / "wire.json").write_text(json.dumps(spec))
         log = open(self.dir / "wire.log", "wb")
@@ -269,19 +263,24 @@ class Cluster:
             self.exec(h.index, ["ip", "link", "set", f"m{self.id}", "up"], check=True)
 
     def _routes(self):
-        """Each other link's subnet via the neighbour on the shorter side of the ring."""
+        """Each address of every other host that is not on one of this host's own links,
+        as a /32 towards its owner the short way round the ring (ties: clockwise): so
+        host 0 reaches host 2's address on the link 1-2 straight over the link 2-0, and
+        losing host 1 does not cut 0 from 2 (the liveness channel goes to ring IPs)."""
         n = self.n
         if n == 2:
             return
         for i in range(n):
-            for L in range(n):
-                if L in (i, (i + 1) % n):
-                    continue  # its own links
-                clockwise = (L - 1 - i) % n <= (i - L) % n
-                via = RING_NET.format(link=(i + 1) % n, end=2) if clockwise \
-                    else RING_NET.format(link=i, end=1)
-                self.exec(i, ["ip", "route", "replace", RING_NET.format(link=L, end=0) + "/24",
-                              "via", via], check=True)
+            mine = {L for L, a, _, b, _ in self.links if i in (a, b)}
+            for L, a, _, b, _ in self.links:
+                if L in mine:
+                    continue  # a subnet of its own: the kernel's route
+                for owner, end in ((a, 1), (b, 2)):
+                    clockwise = (owner - i) % n <= (i - owner) % n
+                    via = RING_NET.format(link=(i + 1) % n, end=2) if clockwise \
+                        else RING_NET.format(link=i, end=1)
+                    self.exec(i, ["ip", "route", "replace", RING_NET.format(link=L, end=end),
+                                  "via", via], check=True)
 
     def _sshds(self):
         for h in self.hosts:
@@ -326,10 +325,23 @@ class Cluster:
         for ifname in self.hosts[i].ring_ifs:
             self.exec(i, ["ip", "link", "set", ifname, "down"], check=True)
 
-    def link_up(self, i: int):
+    def link_up(self, i: int, within: float = LINK_UP_S):
+        """Host i back on the ring: its interfaces up, then, once both ends of each of
+        its links carry again, the routes the kernel dropped and the neighbour entries
+        that failed meanwhile (else the first packets after are refused, EHOSTUNREACH)."""
         for ifname in self.hosts[i].ring_ifs:
             self.exec(i, ["ip", "link", "set", ifname, "up"], check=True)
-        self._routes()  # the kernel dropped the routes through the interfaces it downed
+        ends = [(h, ifname) for L, a, ifa, b, ifb in self.links if i in (a, b)
+                for h, ifname in ((a, ifa), (b, ifb))]
+        end = time.monotonic() + within
+        while any("state DOWN" in self.exec(h, ["ip", "-o", "link", "show", ifname]).stdout
+                  for h, ifname in ends):
+            if time.monotonic() > end:
+                raise RuntimeError(f"host {i}'s ring links did not come up within {within} s")
+            time.sleep(0.05)
+        for h, ifname in ends:
+            self.exec(h, ["ip", "neigh", "flush", "dev", ifname])
+        self._routes()
 
     def measure_hop(self, i: int, count: int = 200, size: int = 64, bulk_mb: float = 8.0,
                     timeout: float = 60) -> dict:
@@ -346,9 +358,13 @@ class Cluster:
             p = self.exec(i, [sys.executable, str(PROBE), "ping", self.hosts[j].address,
                               str(port), str(count), str(size), str(bulk_mb)], check=True,
                           timeout=timeout)
-            return json.loads(p.stdout.strip().splitlines()[-1])
+            lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+            if not lines:
+                raise RuntimeError(f"the probe printed no result: stdout {p.stdout!r}, "
+                                   f"stderr {p.stderr!r}")
+            return json.loads(lines[-1])
         finally:
-            _stop(server)
+            stop(server)
 
     def wire_stats(self) -> list:
         """Per link direction: packets forwarded, dropped (loss), failed (link down);
@@ -370,13 +386,16 @@ class Cluster:
     def close(self):
         """Everything goes: processes in the namespaces, sshds, wire, namespaces, links."""
         for p in self.sshds:
-            _stop(p)
+            stop(p)
         teardown({"namespaces": [h.netns for h in self.hosts],
                   "root_ifs": [f"m{self.id}h{h.index}" for h in self.hosts], "pids": []})
         if self.wire is not None:
-            _stop(self.wire)
+            stop(self.wire)
+            self.wire_exit = self.wire.returncode
             self.wire = None
-        self.final_wire_stats = self.wire_stats()
+            log = self.dir / "wire.log"
+            self.wire_log = log.read_text()[-2000:] if log.exists() else ""
+        self.final_wire_stats = self.wire_stats() or self.final_wire_stats  # a 2nd close
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
@@ -403,23 +422,6 @@ def _read_line(proc: subprocess.Popen, within: float) -> str:
         sel.close()
 
 
-def _stop(proc: subprocess.Popen):
-    """SIGTERM to its process group (it leads one: start_new_session), SIGKILL after
-    STOP_GRACE_S."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            proc.send_signal(sig)
-        try:
-            proc.wait(STOP_GRACE_S if sig == signal.SIGTERM else 5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _free_mgmt_net(run_id: str) -> str:
     """A 10.X.Y.0/24 that no route or address of the root namespace overlaps."""
     taken = []
@@ -436,75 +438,3 @@ def _free_mgmt_net(run_id: str) -> str:
         if not any(net.overlaps(t) for t in taken if t.prefixlen > 0):
             return str(net)
     raise RuntimeError("no free 10.200-254.x.0/24 for the management links")
-
-
-def _netns_pids(ns: str) -> list:
-    p = run(["ip", "netns", "pids", ns], check=False)
-    return [int(x) for x in p.stdout.split() if x.isdigit()]
-
-
-def teardown(state: dict):
-    """Kill every process inside the namespaces (ranks, sshds, probes), then the listed
-    pids that are still ours (sshd, the wire), then delete namespaces and root links."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = [pid for ns in state["namespaces"] for pid in _netns_pids(ns)]
-        pids += [p for p in state.get("pids", []) if _ours(p)]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        end = time.monotonic() + STOP_GRACE_S
-        while pids and time.monotonic() < end and any(_alive(p) for p in pids):
-            time.sleep(0.05)
-    for ns in state["namespaces"]:
-        run(["ip", "netns", "del", ns], check=False)
-    for ifname in state.get("root_ifs", []):
-        if Path(f"/sys/class/net/{ifname}").exists():
-            run(["ip", "link", "del", ifname], check=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _ours(pid: int) -> bool:
-    """Whether pid is still a process this harness started (sshd or the wire), not a
-    stranger that got the number."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return "netns_wire.py" in cmd or (netns_ssh.SSHD in cmd and str(RUNS) in cmd)
-
-
-def sweep_stale() -> list:
-    """Tear down clusters whose owner process is gone (a test run killed with -9);
-    clusters started by hand (no owner) stay until `cluster_sim.py down`."""
-    swept = []
-    for state_file in RUNS.glob("*/state.json") if RUNS.exists() else []:
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            continue
-        owner = state.get("owner")
-        if owner and not _alive(owner):
-            teardown(state)
-            state_file.unlink(missing_ok=True)
-            swept.append(state["id"])
-    return swept
-
-
-def down(run_id: str) -> bool:
-    """Tear down the cluster with this id (from its state file); False if none."""
-    state_file = RUNS / run_id / "state.json"
-    if not state_file.exists():
-        return False
-    teardown(json.loads(state_file.read_text()))
-    state_file.unlink(missing_ok=True)
-    return True
