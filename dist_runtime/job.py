@@ -87,6 +87,15 @@ class Job:
         stage_loop(self.stage, self.transport, self.first_timeout)
         self.finish()
 
+    def serve_as_stage(self, life) -> int:
+        """Ranks 1..N-1 of a generating job or the server: the stage loop to its end, the
+        wired limit given back, the 'finished' line; the rank's exit status (0)."""
+        life.set("serving as a stage")
+        self.serve_stage()
+        self.close()
+        print(f"[{life.me}] finished", file=sys.stderr, flush=True)
+        return 0
+
     def expect_end(self):
         """Rank 0, before it sends STOP: ranks that leave from now on end normally."""
         if self.liveness is not None:

@@ -180,9 +180,12 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
     prev = stage.index - 1
     nxt = (stage.index + 1) % stage.n_stages
     timeout = first_timeout
+
+    def layers(header, h):  # built before the payload arrives (Transport.recv)
+        return stage.forward(h, header.seq, header.offset)
+
     while True:
-        header, out = transport.recv(prev, timeout, build=lambda hd, h: stage.forward(
-            h, hd.seq, hd.offset))
+        header, out = transport.recv(prev, timeout, build=layers)
         timeout = None
         if header.op == OP_FORWARD:
             if not stage.is_last:

@@ -117,13 +117,14 @@ class Transport:
         finite = mx.all(mx.isfinite(payload)) \
             if header.op == OP_FORWARD and payload is not None else None
         with self._send_lock:
-            for a in (header.array(), payload):
-                if a is payload and between is not None:
+            self.faults.wait(mx.distributed.send(header.array(), dst, group=self.group),
+                             what, t, peer=dst, receiving=False)
+            if payload is not None:
+                if between is not None:
                     between()
-                if a is not None:
-                    op = mx.distributed.send(a, dst, group=self.group)
-                    self.faults.wait(op if a is not payload or finite is None else [op, finite],
-                                     what, t, peer=dst, receiving=False)
+                op = mx.distributed.send(payload, dst, group=self.group)
+                self.faults.wait(op if finite is None else [op, finite], what, t, peer=dst,
+                                 receiving=False)
         if finite is not None and not finite.item():
             raise NonFiniteError(
                 f"the hidden state that {self.names[self.rank]} computed (after its layers) "

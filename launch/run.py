@@ -229,11 +229,7 @@ def main(argv=None) -> int:
     try:
         job = start_job(args, life, argv, prompt=args.prompt)
         if job.rank != 0:
-            life.set("serving as a stage")
-            job.serve_stage()
-            job.close()
-            print(f"[{life.me}] finished", file=sys.stderr, flush=True)
-            return 0
+            return job.serve_as_stage(life)
         life.set("generating")
         res, text, n_prompt, peaks = run_coordinator(args, life, job)
         job.close()  # the GPU wired limit back (on a Mac); errors: Lifecycle's cleanups

@@ -594,11 +594,7 @@ def main(argv=None) -> int:
                                                          args.max_kv_tokens)
         job = start_job(plan_args, life, argv, prompt="Hello")
         if job.rank != 0:
-            life.set("serving as a stage")
-            job.serve_stage()
-            job.close()
-            print(f"[{life.me}] finished", file=sys.stderr, flush=True)
-            return 0
+            return job.serve_as_stage(life)
         life.set("serving")
         serve(args, life, job, sock)
     except Exception as e:  # noqa: BLE001  (one error line, the others told, then exit)
