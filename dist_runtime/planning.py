@@ -28,7 +28,7 @@ import math
 from typing import Callable, Optional
 
 from dist_runtime.partition import (Plan, PlanError, fewest_hosts_time, plan_layers,
-                                    ranges_from_counts, ring_hops, step_seconds)
+                                    ranges_from_counts, ring_hops, stage_memory, step_seconds)
 
 MEMORY_FRACTION = 0.85  # of available memory a rank may plan to fill (OS, activations)
 # Of what Metal keeps resident, the share a rank may plan to fill: its stage's weights and
@@ -126,7 +126,7 @@ def budgets_for(infos: list, limits: Optional[list] = None, raised: bool = False
 def stage_bytes(costs, rng: range, rank: int, kv: list) -> int:
     """A stage's memory: its layers' weights and KV room (`kv`: bytes per layer), and on
     rank 0 the embedding and head."""
-    return sum(costs.weight[i] + kv[i] for i in rng) + (costs.head if rank == 0 else 0)
+    return stage_memory(rng, costs.weight, kv, costs.head if rank == 0 else 0)
 
 
 def kv_room_bytes(costs, max_kv_tokens: int, max_batch: int = 1) -> list:
@@ -359,14 +359,16 @@ def _ms(s: float) -> str:
 
 def host_count_advice(costs, infos: list, hops: Optional[dict], max_kv_tokens: int,
                       limits: Optional[list] = None, max_batch: int = 1,
-                      fix: Optional[Callable[[int], str]] = None) -> Optional[str]:
+                      fix: Optional[Callable[[int], str]] = None,
+                      est: Optional[list] = None) -> Optional[str]:
     """The warning when the first k < n hosts would decode clearly faster than all n over
     the measured links, with the numbers and `fix(k)` (how to keep those hosts; by default
     it names them); None when all hosts are best, the links are unknown, or fewer hosts
-    cannot hold the model."""
+    cannot hold the model. `est`: step_estimates' result when the caller has it."""
     if not hops or len(infos) < 2:
         return None
-    est = step_estimates(costs, infos, hops, max_kv_tokens, limits, max_batch)
+    if est is None:
+        est = step_estimates(costs, infos, hops, max_kv_tokens, limits, max_batch)
     k = fewest_hosts_time([None if e is None else e[0] + e[1] for e in est],
                           FEWER_HOSTS_MARGIN)
     if k is None:

@@ -244,19 +244,6 @@ def env_entry(records: list) -> str:
     return f"{ENV_NAME}={json.dumps(compact(records), separators=(',', ':'))}"
 
 
-def links_from_env(environ=None) -> Optional[dict]:
-    """The hop table from PIPELINE_LINKS, or None when it is unset. ValueError when set but
-    unreadable."""
-    text = (os.environ if environ is None else environ).get(ENV_NAME)
-    if not text:
-        return None
-    try:
-        records = json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"{ENV_NAME} is not JSON ({e})")
-    return hop_table(records)
-
-
 def ring_ips_from_env(environ=None) -> Optional[list]:
     """Each rank's first ring IP from MLX_HOSTFILE (the ring backend's address list that
     mlx.launch writes), or None."""

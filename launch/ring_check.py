@@ -147,7 +147,7 @@ def plan_report(data: dict, results: dict, records: list, args) -> tuple:
             return f"{write_command(data, k, args.hostfile)} keeps the first {k} hosts"
 
         advice = host_count_advice(costs, infos, hops, args.max_kv_tokens, args.memory_limit,
-                                   args.max_batch, fix=fix)
+                                   args.max_batch, fix=fix, est=est)
         if advice:
             out["fewer_hosts"] = kept["k"]
             problems.append(Problem("warning", advice))
