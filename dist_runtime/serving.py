@@ -42,38 +42,39 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's
 
 class StopText:
     """Text as it may be shown: stop strings cut it (the stop string is not shown), and
-    while it ends in what may be the start of one, that end is held back."""
+    while it ends in what may be the start of one, that end is held back. Only the text
+    not shown yet is kept: a stop string that ends in a new piece starts at most `hold`
+    characters before it, so the text already shown is never searched again."""
 
     def __init__(self, stops: list):
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""
-        self.shown = 0  # characters of text given out
+        self.pending = ""  # text not shown yet
         self.stopped = False
 
     def add(self, piece: str) -> str:
         """Take a piece; returns the text that may be shown now."""
         if self.stopped:
             return ""
-        self.text += piece
+        self.pending += piece
         if self.stops:
-            cut = min((i for i in (self.text.find(s, self.shown) for s in self.stops)
-                       if i >= 0), default=-1)
+            cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0),
+                      default=-1)
             if cut >= 0:
                 self.stopped = True
-                self.text = self.text[:cut]
+                self.pending = self.pending[:cut]
                 return self._release(cut)
-        return self._release(len(self.text) - self.hold)
+        return self._release(len(self.pending) - self.hold)
 
     def finish(self, piece: str = "") -> str:
         """The last piece; returns the rest."""
         out = self.add(piece)
-        return out + self._release(len(self.text))
+        return out + self._release(len(self.pending))
 
     def _release(self, upto: int) -> str:
-        if upto <= self.shown:
+        if upto <= 0:
             return ""
-        out, self.shown = self.text[self.shown:upto], upto
+        out, self.pending = self.pending[:upto], self.pending[upto:]
         return out
 
 
@@ -122,7 +123,6 @@ class Engine:
         self.life, self.faults = life, faults
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.inbox: queue.Queue = queue.Queue()
-        self.tickets: dict = {}  # sequence id -> Ticket (engine thread)
         self._open: dict = {}  # id -> Ticket without its last event (any thread, locked)
         self._open_lock = threading.Lock()
         self.lost: Optional[dict] = None  # {"rank": r or None, "message": ...} once failed
@@ -230,8 +230,7 @@ class Engine:
         if kind == "submit":
             self._start(arg)
         elif kind == "cancel":
-            if arg.seq in self.tickets:
-                self.coord.cancel(arg.seq)
+            self.coord.cancel(arg.seq)  # a sequence that ended, or never began: nothing
         elif kind == "stats":
             if self.stats["time"] is None or time.monotonic() - self.stats["time"] > FRESH_S:
                 self._stats()  # requests that waited together share one round trip
@@ -263,11 +262,9 @@ class Engine:
         res = self.coord.submit(Request(t.prompt, t.max_tokens, sampler, t.eos_ids, on_token,
                                         on_done, t.cache_prompt))
         t.seq = res.seq
-        self.tickets[res.seq] = t
 
     def _finish(self, t: Ticket, res: GenerationResult, text: StopText, detok):
         """A sequence finished: its last text, the usage, the reason."""
-        self.tickets.pop(res.seq, None)
         if t.cancelled or res.finish_reason == "cancelled":
             self.requests["cancelled"] += 1
             self.log(f"[{self.names[0]}] request {res.seq} cancelled after "

@@ -37,9 +37,9 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
+from dist_runtime.costs import text_config  # noqa: E402
 from dist_runtime.errors import StartError, fail  # noqa: E402
 from dist_runtime.job import start_job  # noqa: E402
-from dist_runtime.preflight import context_length  # noqa: E402
 from dist_runtime.sampling import SamplingParams  # noqa: E402
 from launch.options import RankParser, add_model_args, check_model_args  # noqa: E402
 
@@ -132,7 +132,7 @@ def _range(name: str, v, ok: bool, what: str):
 class Settings:
     """What a request asks for, checked."""
 
-    def __init__(self, body: dict, model_name: str, default_max_tokens: int):
+    def __init__(self, body: dict, model_name: str):
         model = body.get("model")
         if model is None:
             raise ApiError(400, "'model' is required", param="model", code="missing_field")
@@ -151,7 +151,6 @@ class Settings:
         self.max_tokens = _get({name: mt}, name, "integer", None)
         if self.max_tokens is not None:
             _range(name, self.max_tokens, self.max_tokens >= 1, "at least 1")
-        self.default_max_tokens = default_max_tokens
         temp = _get(body, "temperature", "number", 1.0)
         _range("temperature", temp, 0 <= temp <= 2, "between 0 and 2")
         top_p = _get(body, "top_p", "number", 1.0)
@@ -279,10 +278,11 @@ class Front:
     """The HTTP side: checks requests, hands tickets to the engine, streams the answers."""
 
     def __init__(self, engine, tok, model_name: str, limit: int, limit_why: str, vocab: int,
-                 max_active: int, max_batch: int, max_queue: int, default_max_tokens: int):
+                 max_batch: int, max_queue: int, default_max_tokens: int):
         self.engine, self.tok, self.model_name = engine, tok, model_name
         self.limit, self.limit_why, self.vocab = limit, limit_why, vocab
-        self.max_active, self.max_batch, self.max_queue = max_active, max_batch, max_queue
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_active = max_batch + max_queue  # running and queued
         self.default_max_tokens = default_max_tokens
         self.active = 0  # requests admitted and not answered (the event loop's thread only)
         self.created = int(time.time())
@@ -353,7 +353,7 @@ class Front:
         if not isinstance(body, dict):
             raise ApiError(400, f"the request body must be a JSON object, got "
                            f"{_type_name(body)}", code="invalid_type")
-        s = Settings(body, self.model_name, self.default_max_tokens)
+        s = Settings(body, self.model_name)
         prompt = chat_prompt(body, self.tok) if chat else \
             completion_prompt(body, self.tok, self.vocab)
         max_tokens = self.check_length(len(prompt), s.max_tokens,
@@ -565,14 +565,13 @@ def serve(args, life, job, sock):
     engine = Engine(coord, tok, [i.name for i in job.infos],
                     [[r.start, r.stop] for r in job.plan.ranges], keepalive, life, job.faults)
     life.on_stop = engine.on_exit
-    ctx = context_length(job.config)
+    ctx = job.opened.facts.context
     limit = min(ctx, args.max_kv_tokens) if ctx else args.max_kv_tokens
     why = ("the model's context, max_position_embeddings" if ctx and ctx <= args.max_kv_tokens
            else f"--max-kv-tokens {args.max_kv_tokens}")
-    vocab = job.config.get("text_config", job.config)["vocab_size"]
+    vocab = text_config(job.config)["vocab_size"]
     name = args.served_model_name or args.model
-    front = Front(engine, tok, name, limit, why, vocab, args.max_batch + args.max_queue,
-                  args.max_batch, args.max_queue, args.max_tokens)
+    front = Front(engine, tok, name, limit, why, vocab, args.max_batch, args.max_queue, args.max_tokens)
     start_http(front.app(), sock, life.me)
     host, port = sock.getsockname()[:2]
     print(f"[{life.me}] serving {name} at http://{host}:{port}/v1 (OpenAI API; GET /health); "
