@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.live import alive
 from tests.netns_ssh import SSHD
 
 RUNS = Path(tempfile.gettempdir()) / "netns-cluster"  # one folder per run: state, keys, logs
@@ -78,14 +79,6 @@ def teardown(state: dict):
     for ifname in state.get("root_ifs", []):
         if Path(f"/sys/class/net/{ifname}").exists():
             run(["ip", "link", "del", ifname], check=False)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _ours(pid: int) -> bool:

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from tests.launcher import PORT_RANGE, ROOT
-from tests.netns_cluster import Cluster, unavailable_reason
+from tests.test_netns_cluster import cluster
 from tests.netns_profiles import PROFILES
 
 TOOL = [sys.executable, str(ROOT / "launch/hostfile.py")]
@@ -32,10 +32,7 @@ def check(c, *args):
 
 def shaped(name):
     """(the profile, a 3-host cluster shaped to it), or a skip with the harness's reason."""
-    why = unavailable_reason(name)
-    if why:
-        pytest.skip(why)
-    return PROFILES[name], Cluster(n=3, profile=name)
+    return PROFILES[name], cluster(3, name)
 
 
 def ring_links(report):

@@ -8,17 +8,13 @@ import numpy as np
 
 from dist_runtime.synthetic import randomize
 from models import get_module
-from tests.reference import mlxlm_logits, mlxlm_model, our_weights, prompt_tokens
+from tests.reference import build_tiny, mlxlm_logits, mlxlm_model, our_weights, prompt_tokens
 
 TOL = 1e-4  # fp32 max abs difference allowed against the reference
 
 
 def build(**overrides):
-    mod = get_module("glm")
-    cfg = dict(mod.PRESETS["tiny"], **overrides)
-    model = mod.Model(mod.ModelArgs.from_dict(cfg))
-    randomize(model, seed=3)
-    return cfg, model
+    return build_tiny("glm", **overrides)
 
 
 def rope_interleaved_partial(x, offset, rot, base):

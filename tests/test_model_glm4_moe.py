@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from dist_runtime.synthetic import randomize
 from models import get_module
-from tests.reference import mlxlm_logits, mlxlm_model, our_weights, prompt_tokens
+from tests.reference import build_tiny, mlxlm_logits, mlxlm_model, our_weights, prompt_tokens
 
 TOL = 1e-4  # fp32 max abs difference allowed against the reference
 GROUP_SIZE, BITS = 64, 4  # the quantization under test
@@ -23,10 +22,7 @@ mod = get_module("glm4_moe")
 
 
 def build(**overrides):
-    cfg = dict(mod.PRESETS["tiny"], **overrides)
-    model = mod.Model(mod.ModelArgs.from_dict(cfg))
-    randomize(model, seed=3)
-    return cfg, model
+    return build_tiny("glm4_moe", **overrides)
 
 
 def logits(model, tokens) -> np.ndarray:
