@@ -129,11 +129,10 @@ class Baseline:
                                           "concurrency": 1, "error": self.error}]
         rows = []
         for P, G, C in points:
-            if C == 1:
-                rows.append(self._single(P, G))
-            elif self.group.size() == 1:
-                rows.append(self._batch(P, G, C))
-            if rows and self.rank == 0:
+            if C > 1 and self.group.size() > 1:
+                continue  # mlx-lm batches on one rank only
+            rows.append(self._single(P, G) if C == 1 else self._batch(P, G, C))
+            if self.rank == 0:
                 print(format_row(rows[-1]), flush=True)
         return rows if self.rank == 0 else []
 

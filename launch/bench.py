@@ -198,6 +198,18 @@ def write_outputs(out: Path, rows: list, meta: dict, runs: Optional[list] = None
     fig.savefig(out / "results.png", dpi=110)
 
 
+def pipeline_baseline(args, job) -> list:
+    """mlx-lm's pipeline on the same ranks, after ours (every rank, in lockstep): our
+    weights and wired memory freed first, as its model loads its own; rank 0's rows."""
+    job.stage = None
+    job.close()
+    gc.collect()
+    mx.clear_cache()
+    base = Baseline(args, job.source, job.group, job.config)
+    base.warm_up(args)
+    return base.rows(sweep(args))
+
+
 def main(argv=None) -> int:
     """Entry point on every rank."""
     life = Lifecycle()
@@ -210,14 +222,10 @@ def main(argv=None) -> int:
         fail(e, life)
     if job.rank != 0:
         job.serve_stage()
-        job.stage = None  # free our weights before the baseline loads its own
-        job.close()  # and give back their wired memory (Metal)
         if args.baseline != "off":  # mlx-lm's pipeline runs in lockstep on every rank
-            gc.collect()
-            mx.clear_cache()
-            base = Baseline(args, job.source, job.group, job.config)
-            base.warm_up(args)
-            base.rows([p for p in sweep(args) if p[2] == 1])
+            pipeline_baseline(args, job)
+        else:
+            job.close()  # give back the wired memory (Metal)
         return 0
     life.set("benchmarking")
     vocab = vocab_size(job.config)
@@ -236,13 +244,7 @@ def main(argv=None) -> int:
     coord.stop()
     if job.size > 1 and args.baseline != "off":
         del coord
-        job.stage = None  # free our weights before the baseline loads its own
-        job.close()  # and give back their wired memory (Metal)
-        gc.collect()
-        mx.clear_cache()
-        base = Baseline(args, job.source, job.group, job.config)
-        base.warm_up(args)
-        rows += base.rows([p for p in sweep(args) if p[2] == 1])
+        rows += pipeline_baseline(args, job)
     summary = medians(rows)
     for line in ratios(summary):
         print(line, flush=True)
