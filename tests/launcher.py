@@ -47,6 +47,12 @@ class Job:
                 self.errors[rank] = rest
 
 
+def hostfile_tool(*args, timeout: float = 60, env=None) -> subprocess.CompletedProcess:
+    """launch/hostfile.py with these arguments, as a user runs it (text output kept)."""
+    return subprocess.run([sys.executable, str(ROOT / "launch/hostfile.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
 def launch_cmd(n: int, script, backend: str = "ring") -> list:
     """mlx.launch's command line for n local ranks of `script`, on ports of its own."""
     hostfile = ROOT / "hostfiles" / (f"localhost-mpi-{n}.json" if backend == "mpi"

@@ -6,7 +6,6 @@ or hangs, so the per-host deadline is tested without a network.
 """
 
 import json
-import subprocess
 import sys
 
 import mlx.core as mx
@@ -14,14 +13,9 @@ import pytest
 
 from dist_runtime.hostfiles import check_hostfile_data
 from launch.hostfile import build_hostfile
-from tests.launcher import ROOT
+from tests.launcher import ROOT, hostfile_tool
 
-TOOL = [sys.executable, str(ROOT / "launch/hostfile.py")]
-
-
-def tool(*args, timeout=60):
-    return subprocess.run([*TOOL, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+tool = hostfile_tool
 
 
 def errors_of(data):

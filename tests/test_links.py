@@ -23,11 +23,10 @@ from dist_runtime.hostfiles import Problem
 from dist_runtime.ring_links import (ENV_NAME, advice_at_start, compact, env_entry, hop_table,
                                      link_problems, survey)
 from launch.ring_check import saved_links_problems
-from tests.launcher import PORT_RANGE, ROOT
+from tests.launcher import PORT_RANGE, ROOT, hostfile_tool
 from tests.test_link_plan import macs, model
 
 TOKEN = "t" * links.TOKEN_BYTES
-HOSTFILE_TOOL = [sys.executable, str(ROOT / "launch/hostfile.py")]
 
 
 class PacedEnd:
@@ -191,8 +190,7 @@ def test_saved_links_are_what_mlx_launch_passes_on(tmp_path):
 
 
 def check(*args, timeout=120):
-    return subprocess.run([*HOSTFILE_TOOL, "check", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return hostfile_tool("check", *args, timeout=timeout)
 
 
 def test_check_measures_saves_and_mlx_launch_accepts_the_file(tmp_path):

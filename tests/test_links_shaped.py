@@ -11,21 +11,18 @@ gives the same advice. Skipped with the harness's reason where namespaces cannot
 import json
 import random
 import subprocess
-import sys
 
 import pytest
 
-from tests.launcher import PORT_RANGE, ROOT
+from tests.launcher import PORT_RANGE, ROOT, hostfile_tool
 from tests.test_netns_cluster import cluster
 from tests.netns_profiles import PROFILES
 
-TOOL = [sys.executable, str(ROOT / "launch/hostfile.py")]
 
 
 def check(c, *args):
-    p = subprocess.run([*TOOL, "check", str(c.hostfile_path), "--json", "--model", "glm4_moe",
-                        "--synthetic", "small", *args], capture_output=True, text=True,
-                       timeout=180, cwd=ROOT, env=c.env)
+    p = hostfile_tool("check", c.hostfile_path, "--json", "--model", "glm4_moe", "--synthetic",
+                      "small", *args, timeout=180, env=c.env)
     assert p.returncode == 0, p.stdout + p.stderr
     return json.loads(p.stdout), p.stderr
 

@@ -10,17 +10,14 @@ at start. No Mac here, so the hosts' ibv_devices are given as reported facts.
 
 import argparse
 import json
-import subprocess
-import sys
 
 import pytest
 
 from dist_runtime.hostfiles import check_hostfile_data
 from launch.hostfile import build_hostfile
 from launch.ring_check import rdma_device_problems
-from tests.launcher import ROOT
+from tests.launcher import hostfile_tool
 
-TOOL = [sys.executable, str(ROOT / "launch/hostfile.py")]
 
 
 def mlx_launch_accepts(data: dict, tmp_path, monkeypatch) -> list:
@@ -50,8 +47,7 @@ def mlx_launch_accepts(data: dict, tmp_path, monkeypatch) -> list:
 
 
 def write(*args):
-    return subprocess.run([*TOOL, "write", *map(str, args)], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    return hostfile_tool("write", *args)
 
 
 def test_write_a_jaccl_mesh_that_mlx_launch_accepts(tmp_path, monkeypatch):
