@@ -94,6 +94,12 @@ class Tokenizer:
             messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
             eos_token=_token_text(self.tok_config.get("eos_token")) or "")
 
+    def chat_ids(self, messages: list) -> list:
+        """Token ids of a conversation: the chat template rendered (it places the special
+        tokens), or without one the contents joined and encoded with them."""
+        return self.encode(self.apply_chat_template(messages),
+                           add_special_tokens=not self.chat_template)
+
     def prompt_ids(self, prompt: str, chat: bool = True) -> list:
         """Token ids of a user prompt, through the chat template when asked and present.
 
@@ -101,11 +107,8 @@ class Tokenizer:
         tokens at all (nothing to generate from).
         """
         check_prompt_text(prompt)
-        if chat and self.chat_template:
-            text = self.apply_chat_template([{"role": "user", "content": prompt}])
-            ids = self.encode(text, add_special_tokens=False)
-        else:
-            ids = self.encode(prompt)
+        ids = self.chat_ids([{"role": "user", "content": prompt}]) if chat else \
+            self.encode(prompt)
         if not ids:
             how = ("through the chat template" if chat and self.chat_template else
                    "as is (--no-chat-template, or the checkpoint has no chat template), "

@@ -231,9 +231,7 @@ def chat_prompt(body: dict, tok) -> list:
         _text(content, f"{where}.content")
         out.append({"role": role, "content": content})
     try:
-        text = tok.apply_chat_template(out) if tok.chat_template else \
-            "\n".join(m["content"] for m in out)
-        ids = tok.encode(text, add_special_tokens=not tok.chat_template)
+        ids = tok.chat_ids(out)
     except TokenizerError as e:
         raise ApiError(400, str(e), param="messages")
     except Exception as e:  # jinja2 errors in a template given odd messages
