@@ -26,6 +26,7 @@ import psutil
 
 from dist_runtime import metal
 from dist_runtime.errors import StartError
+from dist_runtime.hostfiles import ring_address_list
 
 INFO_BYTES = 1024  # room for one rank's JSON facts in the gather
 START_WAIT = ("every rank to start and connect (a host may still be starting, may have "
@@ -84,14 +85,7 @@ def available_memory() -> int:
 
 def ring_addresses() -> Optional[list]:
     """The ring backend's per-rank 'ip:port' lists (MLX_HOSTFILE), or None."""
-    path = os.environ.get("MLX_HOSTFILE")
-    if not path:
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return ring_address_list()
 
 
 def init_group(guard=None, timeout: Optional[float] = None):

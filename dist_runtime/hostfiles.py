@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from dist_runtime.errors import PreflightError
 
@@ -269,6 +270,18 @@ def check_ring_addresses(nodes, where: str = "MLX_HOSTFILE") -> list:
         problems.append(Problem("error", f"{where}: ranks list different numbers of addresses; "
                                          f"the ring needs as many connections on every rank"))
     return problems
+
+
+def ring_address_list(environ=None) -> Optional[list]:
+    """The ring backend's per-rank "ip:port" lists (MLX_HOSTFILE, which mlx.launch
+    writes), or None when it is unset or unreadable (check_start_env says why)."""
+    path = (os.environ if environ is None else environ).get("MLX_HOSTFILE")
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def check_start_env():

@@ -30,8 +30,6 @@ warning: the deadlines of dist_runtime/faults.py still cover it.
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 import select
 import socket
 import sys
@@ -41,6 +39,7 @@ from typing import Callable, Optional
 
 from dist_runtime.faults import (CUT_OFF, LOST, SILENT, Blame, explained_by_suspension,
                                   recent_gap, suspended_message)
+from dist_runtime.hostfiles import ring_address_list
 
 BEAT_S = 0.5  # s between heartbeats
 TICK_S = 0.25  # the thread looks at its sockets and clocks this often
@@ -65,12 +64,10 @@ CONNECTING, UP, DONE, LEFT, GONE, SILENT_STATE, UNWATCHED = (
 def ring_address(rank: int) -> tuple:
     """(IP, port) of this rank's first address in the ring backend's list (MLX_HOSTFILE),
     or (None, 0)."""
-    path = os.environ.get("MLX_HOSTFILE")
-    if not path:
+    nodes = ring_address_list()
+    if not nodes:
         return None, 0
     try:
-        with open(path) as f:
-            nodes = json.load(f)
         ip, _, port = nodes[rank][0].rpartition(":")
         ipaddress.ip_address(ip)
         return ip, int(port)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from dist_runtime.hostfiles import LOCAL_HOSTS, Problem
+from dist_runtime.hostfiles import LOCAL_HOSTS, Problem, ring_address_list
 from dist_runtime.partition import closing_hops, ring_hops
 
 PROBE_SOURCE = Path(__file__).with_name("links.py")
@@ -247,11 +247,10 @@ def env_entry(records: list) -> str:
 def ring_ips_from_env(environ=None) -> Optional[list]:
     """Each rank's first ring IP from MLX_HOSTFILE (the ring backend's address list that
     mlx.launch writes), or None."""
-    path = (os.environ if environ is None else environ).get("MLX_HOSTFILE")
+    nodes = ring_address_list(environ)
     try:
-        nodes = json.loads(Path(path).read_text()) if path else None
         return [n[0].rpartition(":")[0].strip("[]") for n in nodes] if nodes else None
-    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+    except (TypeError, IndexError, AttributeError):
         return None
 
 
