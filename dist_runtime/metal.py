@@ -27,8 +27,9 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from dist_runtime.planning import WIRED_LIMIT_SYSCTL
+
 SYSCTL_TIMEOUT = 5  # s: a wedged sysctl must not wedge the start
-WIRED_LIMIT_SYSCTL = "iogpu.wired_limit_mb"  # MiB the GPU may wire; 0: the macOS default
 
 
 @dataclass
@@ -39,7 +40,6 @@ class MetalFacts:
     memory: int = 0  # bytes of RAM (`memory_size`)
     working_set: int = 0  # bytes Metal keeps resident (`max_recommended_working_set_size`)
     wired_limit_mb: int = -1  # iogpu.wired_limit_mb: 0 the macOS default, -1 unknown
-    chip: str = ""  # e.g. 'Apple M2 Ultra'
 
 
 def device_info() -> Optional[dict]:
@@ -67,7 +67,7 @@ def device_facts() -> MetalFacts:
     mb = read_sysctl(WIRED_LIMIT_SYSCTL)
     return MetalFacts(True, int(info.get("memory_size", 0)),
                       int(info["max_recommended_working_set_size"]),
-                      int(mb) if mb.isdigit() else -1, str(info.get("device_name", "")))
+                      int(mb) if mb.isdigit() else -1)
 
 
 class Wiring:

@@ -38,7 +38,7 @@ MiB, GiB = 2**20, 2**30
 # A raised GPU wired limit leaves macOS at least this much RAM, or this share, the larger.
 WIRED_RESERVE = 8 * GiB
 WIRED_RESERVE_FRACTION = 0.1
-WIRED_LIMIT_SYSCTL = "iogpu.wired_limit_mb"
+WIRED_LIMIT_SYSCTL = "iogpu.wired_limit_mb"  # MiB the GPU may wire; 0: the macOS default
 # Bytes of weights a rank reads per second while decoding, to weigh a step's compute
 # against its hops. Assumptions, not measurements: Apple silicon's GPUs read at 120
 # (M4 Pro: 273 GB/s peak) to 800 GB/s (Ultra) and decode reaches a good share of it;
