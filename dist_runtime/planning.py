@@ -259,14 +259,19 @@ def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
     auto = _auto(costs, budgets, kv, names)
     need_all = sum(costs.weight) + sum(kv) + costs.head
     if split is not None:
-        fix = (f"--split {counts_text(len(r) for r in auto.ranges)} fits every host's memory "
-               f"(or leave --split out to plan by memory)" if auto is not None else
-               f"e.g. --split {counts_text(even_split(n_layers, n))}, though no split fits "
-               f"the hosts' memory: " + _no_fit_fixes(costs, budgets, names, max_kv_tokens,
-                                                      need_all, max_batch))
-        if len(split) == n and min(split) > 0 and sum(split) == n_layers:
-            wired = _wired_advice(costs, infos, limits, kv, ranges_from_counts(split))
-            fix = f"{wired}; or {fix}" if wired else fix
+        def fix(ranges: Optional[tuple] = None) -> str:
+            """The way out of a refused --split (only worked out when one is refused);
+            `ranges`: a well-formed split that does not fit, which a raised GPU wired
+            limit may make fit."""
+            text = (f"--split {counts_text(len(r) for r in auto.ranges)} fits every host's "
+                    f"memory (or leave --split out to plan by memory)" if auto is not None else
+                    f"e.g. --split {counts_text(even_split(n_layers, n))}, though no split "
+                    f"fits the hosts' memory: " + _no_fit_fixes(costs, budgets, names,
+                                                               max_kv_tokens, need_all,
+                                                               max_batch))
+            wired = _wired_advice(costs, infos, limits, kv, ranges) if ranges else ""
+            return f"{wired}; or {text}" if wired else text
+
         return _checked_split(list(split), costs, kv, budgets, why, names,
                               kv_room(max_kv_tokens, max_batch), fix)
     if auto is not None:
@@ -285,33 +290,34 @@ def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
 
 
 def _checked_split(split: list, costs, kv: list, budgets: list, why: list, names: list,
-                   room: str, fix: str) -> Plan:
+                   room: str, fix: Callable[..., str]) -> Plan:
     """A user's --split as a Plan: one count per rank, each at least 1, adding up to the
-    layers, every rank within its budget; else PlanError ending with `fix`."""
+    layers, every rank within its budget; else PlanError ending with what `fix` says
+    (given the ranges when they are well formed but do not fit)."""
     n, n_layers, text = len(names), len(costs.weight), counts_text(split)
     if len(split) != n:
         raise PlanError(f"--split {text} has {len(split)} layer counts but the job has {n} "
-                        f"ranks (one per host in the hostfile); {fix}")
+                        f"ranks (one per host in the hostfile); {fix()}")
     bad = [r for r, c in enumerate(split) if c <= 0]
     if bad:
         raise PlanError(f"--split {text} gives {names[bad[0]]} {split[bad[0]]} layers; every "
-                        f"rank needs at least 1; {fix}")
+                        f"rank needs at least 1; {fix()}")
     if sum(split) != n_layers:
         raise PlanError(f"--split {text} adds up to {sum(split)} layers but the model has "
-                        f"{n_layers}; {fix}")
+                        f"{n_layers}; {fix()}")
     ranges = ranges_from_counts(split)
     for r, rng in enumerate(ranges):
         w = sum(costs.weight[i] for i in rng)
         k = sum(kv[i] for i in rng)
         head = costs.head if r == 0 else 0
-        if stage_bytes(costs, rng, r, kv) > budgets[r]:
+        if w + k + head > budgets[r]:
             parts = f"{fmt_bytes(w)} of weights + {fmt_bytes(k)} of KV room for {room}"
             if head:
                 parts += f" + {fmt_bytes(head)} of embedding and head"
             raise PlanError(
                 f"--split {text}: {names[r]} would hold layers {rng.start}..{rng.stop - 1} "
                 f"({len(rng)} layers), needing {parts} = {fmt_bytes(w + k + head)}, but it "
-                f"can use {fmt_bytes(budgets[r])} ({why[r]}); {fix}")
+                f"can use {fmt_bytes(budgets[r])} ({why[r]}); {fix(ranges)}")
     return Plan(ranges)
 
 
