@@ -87,11 +87,17 @@ def add_model_args(p: argparse.ArgumentParser):
                    "(default: its ring port's number, free again once the ring connected)")
 
 
+def check_at_least(p: argparse.ArgumentParser, args, names, low: int):
+    """p.error (exit 2) for the first of these integer options given and below `low`."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got "
+                    f"{getattr(args, name)}")
+
+
 def check_model_args(p: argparse.ArgumentParser, args):
     """The range checks argparse cannot express; p.error (exit 2) on the first failure."""
-    for name in ("prefill_chunk", "max_kv_tokens", "max_batch", "micro_batches"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_at_least(p, args, ("prefill_chunk", "max_kv_tokens", "max_batch", "micro_batches"), 1)
     if not 0 <= args.liveness_port < 65536:
         p.error(f"--liveness-port must be a TCP port (1 to 65535, or 0 for the ring's "
                 f"ports), got {args.liveness_port}")

@@ -41,7 +41,8 @@ from dist_runtime.costs import text_config  # noqa: E402
 from dist_runtime.errors import StartError, fail  # noqa: E402
 from dist_runtime.job import start_job  # noqa: E402
 from dist_runtime.sampling import SamplingParams  # noqa: E402
-from launch.options import RankParser, add_model_args, check_model_args  # noqa: E402
+from launch.options import (RankParser, add_model_args, check_at_least,  # noqa: E402
+                            check_model_args)
 
 DEFAULT_MAX_BATCH = 8  # sequences decoding at once (run.py's default is 1)
 DEFAULT_MAX_QUEUE = 32  # requests waiting beyond those; more get 429
@@ -73,11 +74,8 @@ def parse_args(argv=None):
     check_model_args(p, args)
     if not 0 <= args.port < 65536:
         p.error(f"--port must be in 0..65535, got {args.port}")
-    for name in ("max_queue", "prompt_cache_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
-    if args.max_tokens < 1:
-        p.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    check_at_least(p, args, ("max_queue", "prompt_cache_tokens"), 0)
+    check_at_least(p, args, ("max_tokens",), 1)
     if args.prompt_cache_tokens is None:
         args.prompt_cache_tokens = 2 * args.max_kv_tokens
     args.no_chat_template = False  # the start checks tokenize a probe prompt through it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -52,3 +53,13 @@ class Server(LiveJob):
 
     def health(self) -> tuple:
         return self.http("GET", "/health")
+
+    def wait_health(self, predicate, timeout: float = 15, what: str = "never got there"):
+        """/health's body once `predicate(body)` holds (polled), else AssertionError."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            status, h = self.health()
+            if status == 200 and predicate(h):
+                return h
+            time.sleep(0.05)
+        raise AssertionError(f"/health {what}: {h}")

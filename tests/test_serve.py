@@ -58,13 +58,8 @@ def chat(client, content, max_tokens, stream=False, **kw):
 
 def wait_idle(server, timeout=15):
     """Until every rank holds no sequence in progress (the stats went round the ring)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        status, h = server.health()
-        if status == 200 and all(r["live_sequences"] == 0 for r in h["ranks"]):
-            return h
-        time.sleep(0.1)
-    raise AssertionError(f"sequences still live on some rank: {h}")
+    return server.wait_health(lambda h: all(r["live_sequences"] == 0 for r in h["ranks"]),
+                              timeout, "still shows sequences live on some rank")
 
 
 def test_models_and_health_of_every_rank(server):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import openai
 import pytest
@@ -23,16 +22,6 @@ def open_stream(client, content="tell me everything"):
     return client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=3000,
         stream=True, extra_body=LONG)
-
-
-def wait_health(server, predicate, timeout=15):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        status, h = server.health()
-        if predicate(h):
-            return h
-        time.sleep(0.05)
-    raise AssertionError(f"/health never got there: {h}")
 
 
 def test_a_full_queue_answers_429_then_serves_and_ctrl_c_stops_every_rank():
@@ -51,7 +40,7 @@ def test_a_full_queue_answers_429_then_serves_and_ctrl_c_stops_every_rank():
 
         t = threading.Thread(target=queued)
         t.start()
-        wait_health(server, lambda h: h["requests"]["waiting"] == 1)
+        server.wait_health(lambda h: h["requests"]["waiting"] == 1)
         with pytest.raises(openai.RateLimitError, match="the server is busy") as e:
             client.chat.completions.create(model=MODEL, max_tokens=2,
                                            messages=[{"role": "user", "content": "me too"}])
@@ -99,7 +88,7 @@ def test_a_rank_killed_while_serving_is_named_to_clients_and_in_health():
 
         t = threading.Thread(target=not_streamed)
         t.start()
-        wait_health(server, lambda h: h["requests"]["running"] == 2)
+        server.wait_health(lambda h: h["requests"]["running"] == 2)
         server.signal(1, signal.SIGKILL)
         with pytest.raises(openai.APIError, match=r"rank 1 \("):
             for _ in it:
