@@ -61,13 +61,15 @@ def launch_cmd(n: int, script, backend: str = "ring") -> list:
     return ["mlx.launch", "--hostfile", str(hostfile), "--starting-port", str(port), str(script)]
 
 
-def launch(n: int, args: list, backend: str = "ring", timeout: float = 180, env=None) -> Job:
-    """`mlx.launch` launch/run.py on n local ranks (or plain python for n == 1)."""
+def launch(n: int, args: list, backend: str = "ring", timeout: float = 180, env=None,
+           script: str = "launch/run.py") -> Job:
+    """`mlx.launch` `script` (launch/run.py unless said) on n local ranks (or plain python
+    for n == 1)."""
     full_env = dict(os.environ, **(env or {}))
     if n == 1:
-        cmd = [sys.executable, str(ROOT / "launch/run.py"), *args]
+        cmd = [sys.executable, str(ROOT / script), *args]
     else:
-        cmd = [*launch_cmd(n, ROOT / "launch/run.py", backend), *args]
+        cmd = [*launch_cmd(n, ROOT / script, backend), *args]
         if backend == "mpi":
             full_env.update(MPI_ENV)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

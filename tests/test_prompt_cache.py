@@ -6,10 +6,6 @@ process, and through a ring of 3 ranks where the middle one passes KEEP and FORK
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import mlx.core as mx
 import pytest
@@ -19,10 +15,8 @@ from dist_runtime.prompt_cache import PromptCache
 from dist_runtime.sampling import Sampler, SamplingParams
 from dist_runtime.stage import Stage
 from models.cache import ChunkedKVCache, KVCache
-from tests.launcher import ROOT, launch_cmd
+from tests.launcher import launch
 from tests.reference import build_tiny
-
-JOB = ROOT / "tests/jobs/reuse.py"
 
 
 def test_the_longest_shared_prefix_wins_and_one_token_is_always_left_to_run():
@@ -124,13 +118,10 @@ def test_the_prompt_cache_stays_within_its_bound_and_frees_what_it_drops():
 
 
 def run_job(n: int, model: str) -> dict:
-    cmd = [sys.executable, str(JOB)] if n == 1 else launch_cmd(n, JOB)
-    p = subprocess.run(cmd + ["--model", model, "--synthetic", "tiny"], capture_output=True,
-                       text=True, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL,
-                       env=dict(os.environ))
-    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
-    assert lines, p.stderr
-    return json.loads(lines[-1])
+    job = launch(n, ["--model", model, "--synthetic", "tiny"], timeout=120,
+                 script="tests/jobs/reuse.py")
+    assert job.summary is not None, job.stderr
+    return job.summary
 
 
 @pytest.mark.timeout(150)
