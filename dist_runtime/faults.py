@@ -260,9 +260,11 @@ class Faults:
 
     # -- waits ----------------------------------------------------------------------------
 
-    def wait(self, arr, what: str, seconds: float, peer: int, receiving: bool):
+    def wait(self, arr, what: str, seconds: float, peer: int, receiving: bool,
+             arrival: Optional[Callable[[float], object]] = None):
         """Evaluate `arr` (a send or receive with `peer`, or a list of them) within
-        `seconds`, or blame.
+        `seconds`, or blame. arrival(seconds), if given, sleeps until the peer's bytes
+        are there, inside the same deadline (dist_runtime/arrival.py says why).
 
         A send that finished after this rank learnt the job is ending raises PeerLost; a
         receive leaves that to the caller (`check`), which may have received the ABORT."""
@@ -274,6 +276,8 @@ class Faults:
         expired = self._recv_expired if receiving else self._send_expired
         self.watchdog.arm(seconds, what, lambda _what: expired(wait_no, peer, seconds))
         try:
+            if arrival is not None:
+                arrival(seconds)
             mx.eval(arr)
         except RuntimeError as e:  # the backend's socket to that rank broke
             self.watchdog.disarm()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dist_runtime import preflight
+from dist_runtime.arrival import Arrivals
 from dist_runtime.cluster import gather_infos, init_group
 from dist_runtime.coordinator import Coordinator
 from dist_runtime.faults import EXIT_PEER_LOST, Faults, Watchdog
@@ -168,7 +169,7 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     transport = None
     if n > 1:
         transport = Transport(group, model.hidden_width, model.activation_dtype(), faults,
-                              args.timeout, args.first_timeout)
+                              args.timeout, args.first_timeout, Arrivals.find(rank, n))
     return Job(group, infos, plan, stage, opened.source, opened, faults, transport, load_s,
                args.first_timeout, args.max_batch, args.micro_batches, wiring, liveness)
 

@@ -15,7 +15,8 @@ first `offset` positions sequence `seq` starts from (prompt reuse); RELEASE (fre
 sequence's caches, kept or not), KEEP (keep a finished sequence's caches for reuse)
 and STOP, none.
 Every blocking wait goes through `Faults.wait`, which holds the deadline and decides
-whom to blame when a wait fails; this module only frames.
+whom to blame when a wait fails; this module only frames. A receive is posted only once
+its first bytes are there (dist_runtime/arrival.py: mlx's ring spins while it waits).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Transport:
     """
 
     def __init__(self, group, width: int, dtype, faults: Faults, timeout: float,
-                 first_timeout: float):
+                 first_timeout: float, arrivals=None):
         self.group, self.rank, self.size = group, group.rank(), group.size()
         self.width, self.dtype = width, dtype
         self.faults = faults
@@ -89,6 +90,8 @@ class Transport:
         # must never land between a header and its payload.
         self._send_lock = threading.RLock()
         faults.link = self
+        # dist_runtime.arrival.Arrivals: receives wait for their bytes there first.
+        self.arrivals = arrivals
 
     def deadline(self, timeout: Optional[float] = None) -> float:
         """Seconds the next wait may take: `timeout` if given, else by warm-up state."""
@@ -144,8 +147,10 @@ class Transport:
         their own work is done); then (header, result) is returned, result unevaluated."""
         t = self.deadline(timeout)
         what = f"no message from {self.names[src]} for {t:.0f} s (it died or hangs)"
+        arrival = None if self.arrivals is None else \
+            (lambda seconds: self.arrivals.wait(src, seconds))
         h = mx.distributed.recv((HEADER_LEN,), mx.int32, src, group=self.group)
-        self.faults.wait(h, what, t, peer=src, receiving=True)
+        self.faults.wait(h, what, t, peer=src, receiving=True, arrival=arrival)
         header = Header.parse(h)
         if header.op == OP_ABORT:
             self.faults.on_abort(self._recv_blame(src), src)
@@ -158,7 +163,7 @@ class Transport:
         payload = mx.distributed.recv(shape, dtype, src, group=self.group)
         result = build(header, payload) if build is not None and header.op == OP_FORWARD \
             else payload
-        self.faults.wait(payload, what, t, peer=src, receiving=True)
+        self.faults.wait(payload, what, t, peer=src, receiving=True, arrival=arrival)
         if self.rank == 0 and header.op == OP_FORWARD:
             self.warm = True  # the first result is back: the ring is compiled and loaded
         return header, result
