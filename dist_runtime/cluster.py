@@ -49,6 +49,7 @@ class HostInfo:
     memory: int = 0  # bytes of RAM
     working_set: int = 0  # bytes Metal keeps resident (its recommended working set)
     wired_limit_mb: int = -1  # iogpu.wired_limit_mb: 0 the macOS default, -1 unknown
+    device: str = ""  # what it computes on: "metal", "cuda:<visible devices>", "cpu:<rank>"
 
     @property
     def name(self) -> str:
@@ -61,7 +62,23 @@ def local_info(rank: int) -> HostInfo:
     m = metal.device_facts()
     return HostInfo(rank, socket.gethostname(), available_memory(), mx.__version__,
                     project_version(), sys.version.split()[0], m.metal, m.memory,
-                    m.working_set, m.wired_limit_mb)
+                    m.working_set, m.wired_limit_mb, compute_device(rank, m.metal))
+
+
+def compute_device(rank: int, is_metal: bool) -> str:
+    """The device this rank computes on, named so that ranks sharing one have equal names
+    on one host. CPU ranks never count as sharing (each gets cores of its own)."""
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return f"cpu:{rank}"
+    if is_metal:
+        return "metal"
+    return "cuda:" + os.environ.get("CUDA_VISIBLE_DEVICES", "0")
+
+
+def distinct_devices(infos: list) -> int:
+    """How many devices the ranks compute on: ranks of one host on one GPU count once
+    (the GPU runs their work one after the other, so overlapping them gains nothing)."""
+    return len({(i.host, i.device or f"rank:{i.rank}") for i in infos})
 
 
 def project_version() -> str:

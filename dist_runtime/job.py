@@ -25,7 +25,7 @@ from typing import Optional
 
 from dist_runtime import preflight
 from dist_runtime.arrival import Arrivals
-from dist_runtime.cluster import gather_infos, init_group
+from dist_runtime.cluster import distinct_devices, gather_infos, init_group
 from dist_runtime.coordinator import Coordinator
 from dist_runtime.faults import EXIT_PEER_LOST, Faults, Watchdog
 from dist_runtime.hostfiles import check_start_env
@@ -170,8 +170,11 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     if n > 1:
         transport = Transport(group, model.hidden_width, model.activation_dtype(), faults,
                               args.timeout, args.first_timeout, Arrivals.find(rank, n))
+    # Default: a micro-batch per device, so each one has work; ranks sharing a GPU would
+    # only take turns on it, each micro-batch reading the weights again.
+    micro_batches = args.micro_batches or distinct_devices(infos)
     return Job(group, infos, plan, stage, opened.source, opened, faults, transport, load_s,
-               args.first_timeout, args.max_batch, args.micro_batches, wiring, liveness)
+               args.first_timeout, args.max_batch, micro_batches, wiring, liveness)
 
 
 def _test_delay(rank: int):

@@ -65,8 +65,8 @@ def add_model_args(p: argparse.ArgumentParser):
                    "plan reserves KV room for this many times --max-kv-tokens")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="decoding sequences are stepped in this many groups through the "
-                   "ring (default: one per rank, so every rank has work; ranks sharing one "
-                   "GPU do better with 1)")
+                   "ring (default: one per device, so every rank has work: ranks of one "
+                   "host sharing its GPU count once, CPU ranks once each)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help=f"most prompt positions per message (default {PREFILL_CHUNK} on one "
                    f"rank, {PIPELINE_CHUNK} across ranks; shorter prompts use smaller chunks)")
