@@ -94,7 +94,7 @@ class Job:
         life.set("serving as a stage")
         self.serve_stage()
         self.close()
-        print(f"[{life.me}] finished", file=sys.stderr, flush=True)
+        life.finished()
         return 0
 
     def expect_end(self):

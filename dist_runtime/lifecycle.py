@@ -123,6 +123,16 @@ class Lifecycle:
         """Record the current activity, for the stop message."""
         self.doing = doing
 
+    def finished(self):
+        """The main thread's normal end: print `[me] finished`. A stop requested before
+        it (a signal still in its TERM_GRACE_S wait for news) is carried out instead of
+        lost with the process: this waits for the stop to report and exit."""
+        with self._stop_lock:
+            stopping = self._stopping
+        if stopping:
+            threading.Event().wait()
+        _say(f"[{self.me}] finished")
+
     def exit_with_error(self, message: str, code: int, reason: Optional[str] = None,
                         then: Optional[Callable[[], None]] = None, word=None):
         """Print `[me] error: message`, run `then` (tell the next rank), tell every rank

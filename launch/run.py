@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     write_json_out(args, out)
     if args.json:
         print(json.dumps(out), flush=True)
-    print(f"[{life.me}] finished", file=sys.stderr, flush=True)
+    life.finished()
     return 0
 
 
