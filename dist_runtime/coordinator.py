@@ -20,7 +20,9 @@ The host never waits where it need not. Sampled tokens stay on the device: a mic
 batch's next step is built from its last step's tokens before they are read, and the
 tokens are read (to stream them and to see an end of sequence) only once that next step
 is queued. With one rank the step is queued with `mx.async_eval`, so the device runs
-step t+1 while the host reads step t; across ranks, sending it evaluates it.
+step t+1 while the host reads step t; across ranks, sending it evaluates it, and it is
+built (sampling, embedding, rank 0's layers) while its input is still on its way round
+the ring.
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ class Coordinator:
         # it. A wait for a result lies behind every message sent before it.
         self._ahead = deque()
         self._unread: list = []  # (sequence ids, tokens [B]) sampled but not yet read
+        # (STEP action, its hidden state after rank 0's layers, lazy): the next step of a
+        # micro-batch, built on the lazy result of its last step while that result was
+        # still on its way (`_receive`); carried out by the next `step`.
+        self._prepared: Optional[tuple] = None
         self.current = GenerationResult()  # the (first) generation in progress, for a stop
         self.heard = time.monotonic()  # when the last message came back round the ring
         # What the decode steps looked like (a server's stats): steps sent, rows in them,
@@ -151,6 +157,13 @@ class Coordinator:
 
     def step(self) -> bool:
         """Carry out the schedule's next action; False when there is nothing to do."""
+        if self._prepared is not None:  # built while its input came round the ring
+            action, h = self._prepared
+            self._prepared = None
+            self._pass_on(Header(OP_FORWARD, action.id), h, action.rows)
+            self.schedule.sent(action)
+            self._read_tokens()
+            return True
         action = self.schedule.next_action()
         if action.kind in (RECV, DONE) and self._unread:
             self._read_tokens()  # nothing to queue first: read now
@@ -202,7 +215,8 @@ class Coordinator:
 
     def idle(self) -> bool:
         """Nothing to do until a sequence is submitted."""
-        return self.schedule.idle() and not self._unread and not self.live
+        return (self.schedule.idle() and not self._unread and not self.live
+                and self._prepared is None)
 
     def generate(self, prompt: list, max_tokens: int, sampler: Sampler, eos_ids=(),
                  on_token: Optional[Callable[[int], bool]] = None) -> GenerationResult:
@@ -222,7 +236,8 @@ class Coordinator:
             live.fork = None
         tokens = mx.array([live.req.prompt[s.sent_prompt: s.sent_prompt + action.length]])
         offset = self.stage.offset(action.id)
-        self._forward(Header(OP_FORWARD, action.id, offset=offset), tokens,
+        h = self.stage.forward(self.stage.embed(tokens), action.id)
+        self._forward(Header(OP_FORWARD, action.id, offset=offset), h,
                       [action.id] if action.wants_result else None)
 
     def _send_step(self, action):
@@ -239,10 +254,14 @@ class Coordinator:
         if not action.rows:
             self.steps.pop(action.id, None)
             return
-        tokens = self._step_tokens(last, action.rows)  # [B]
+        self._forward(Header(OP_FORWARD, action.id), self._build_step(action), action.rows)
+
+    def _build_step(self, action) -> mx.array:
+        """A decode step's hidden state after rank 0's layers (lazy), its tokens recorded."""
+        tokens = self._step_tokens(self.steps.get(action.id), action.rows)  # [B]
         self.steps[action.id] = _Step(list(action.rows), tokens)
         self._count_step(action.rows)
-        self._forward(Header(OP_FORWARD, action.id), tokens[:, None], action.rows)
+        return self.stage.forward(self.stage.embed(tokens[:, None]), action.id)
 
     def _step_tokens(self, last: Optional[_Step], rows: list) -> mx.array:
         """Each row's last token, [B]: the previous step's for rows that stay (still on
@@ -314,10 +333,9 @@ class Coordinator:
             if x is not None:
                 x.res.batched_with = max(x.res.batched_with, len(rows) - 1)
 
-    def _forward(self, header: Header, tokens: mx.array, rows: Optional[list]):
-        """Embed tokens [B, L], run rank 0's layers, pass them on (or finish locally);
-        `rows`: the sequences whose tokens the result gives (None: no result wanted)."""
-        h = self.stage.forward(self.stage.embed(tokens), header.seq)  # [B, L, D]
+    def _forward(self, header: Header, h: mx.array, rows: Optional[list]):
+        """Pass h [B, L, D] (rank 0's layers' output, lazy) on, or finish it here with one
+        rank; `rows`: the sequences whose tokens the result gives (None: none wanted)."""
         if self.n == 1:
             if rows is None:
                 mx.async_eval(h)  # the device starts; the host goes on
@@ -329,6 +347,10 @@ class Coordinator:
             self._local.append(result)
             mx.async_eval(result[1])
             return
+        self._pass_on(header, h, rows)
+
+    def _pass_on(self, header: Header, h: mx.array, rows: Optional[list]):
+        """Send h to rank 1, computing it between the header and the payload."""
         header.flags = FLAG_RETURN if rows is not None else 0
         self.stage.send(self.transport, 1, header, h)
         self._ahead.append(rows is not None)
@@ -341,20 +363,50 @@ class Coordinator:
     # -- results --------------------------------------------------------------------------
 
     def _receive(self, id: int):
-        """The oldest result: its rows' tokens, left on the device for now."""
+        """The oldest result: its rows' tokens, left on the device for now.
+
+        Across ranks, the result's sampling and, when the schedule's next action is this
+        micro-batch's next step with the same rows, that step's graph through rank 0's
+        layers are built on the lazy receive, before waiting for it: building them is
+        host time that the last stage's compute now hides (one rank does the same with
+        `mx.async_eval`)."""
         if self.n == 1:
-            logits, tokens = self._local.popleft()
-        else:  # an ABORT raises PeerLost in recv
-            if self._early:
-                header, h = self._early.popleft()
-            else:
-                header, h = self.transport.recv(self.n - 1, self._deadline(self._answered()))
-            if header.op != OP_FORWARD or header.seq != id:
-                raise RuntimeError(f"coordinator expected the result of {id}, got op "
-                                   f"{header.op} for {header.seq}")
-            self.heard = time.monotonic()
-            seqs = self.steps[id].rows if id in self.steps else [id]
-            logits, tokens = self._sample(h, seqs)
+            self._take(id, *self._local.popleft())
+            return
+        if self._early:  # an ABORT raises PeerLost in recv
+            header, h = self._early.popleft()
+            self._take(id, *self._sample_result(id, header, h))
+        else:
+            def build(header, h):
+                self._take(id, *self._sample_result(id, header, h))
+                self._prepare_next()
+
+            header, _ = self.transport.recv(self.n - 1, self._deadline(self._answered()),
+                                            build=build)
+            self._check_result(id, header)
+        self.heard = time.monotonic()
+
+    def _check_result(self, id: int, header: Header):
+        """The message that came back is the result of `id`, as results come in order."""
+        if header.op != OP_FORWARD or header.seq != id:
+            raise RuntimeError(f"coordinator expected the result of {id}, got op "
+                               f"{header.op} for {header.seq}")
+
+    def _sample_result(self, id: int, header: Header, h: mx.array) -> tuple:
+        """(logits, tokens) of a result that came back from the last rank (lazy)."""
+        self._check_result(id, header)
+        return self._sample(h, self.steps[id].rows if id in self.steps else [id])
+
+    def _prepare_next(self):
+        """Build the schedule's next action now if it is a step of a micro-batch with the
+        rows of its last step (nothing to tell the stages first); `step` sends it."""
+        action = self.schedule.next_action()
+        last = self.steps.get(action.id) if action.kind == STEP else None
+        if last is not None and last.rows == action.rows:
+            self._prepared = (action, self._build_step(action))
+
+    def _take(self, id: int, logits: mx.array, tokens: mx.array):
+        """Record a result's sampled tokens [B] (on the device) for its rows."""
         rows = self.schedule.received(id)
         for i, s in enumerate(rows):
             x = self.live[s]
