@@ -33,9 +33,9 @@ def _open_tcp_sockets() -> list:
     """(socket, local (ip, port), peer (ip, port)) for each connected TCP socket this
     process holds, each a duplicate of the original (closing it leaves the original)."""
     found = []
-    for name in os.listdir("/dev/fd"):  # Linux and macOS both list open files there
+    names = [n for n in os.listdir("/dev/fd") if n.isdigit()]  # Linux and macOS
+    for fd in sorted(map(int, names)):  # in the order they were opened (the ring's first)
         try:
-            fd = int(name)
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
             s = socket.socket(fileno=os.dup(fd))
@@ -70,6 +70,9 @@ class Arrivals:
         except (IndexError, TypeError, ProbeError):
             return cls({})
         left_sock = right_sock = None
+        # The first match of each: the ring connects at init, before anything else this
+        # process opens, and its listening port is free afterwards (a later connection
+        # may be given it as its own local port).
         for s, local, peer in _open_tcp_sockets():
             if left_sock is None and local[1] == mine[1] and _same_ip(local[0], mine[0]):
                 left_sock = s

@@ -32,6 +32,9 @@ def main():
     values = mx.arange(N, dtype=mx.float32)
     out = {"rank": rank, "neighbours": arrivals.watched}
     for mode in ("watched", "plain"):
+        # Every rank starts the round together (a rank that finished starting later
+        # would otherwise wait less than SLEEP_S).
+        mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))
         if rank == 0:
             time.sleep(SLEEP_S)
             mx.eval(mx.distributed.send(values, nxt, group=group))
