@@ -108,8 +108,11 @@ class Job:
             self.liveness.finish()
 
 
-def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = None) -> Job:
+def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = None,
+              kept_kv_tokens: int = 0) -> Job:
     """Start this rank's part of the job described by `args` (run.py's model options).
+    `kept_kv_tokens`: KV positions the plan reserves beyond --max-batch sequences (a
+    server's prompt cache).
 
     Every rank raises the same error for a failed check; a rank that cannot load raises
     its own, the others name it. `prompt` (rank 0 only) is tokenized in the checks, so a
@@ -133,10 +136,11 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
         print(f"[{me}] warning: {warning.message}", file=sys.stderr, flush=True)
     preflight.check_kv_room(facts, infos, args.max_kv_tokens)
     plan = make_plan(opened.costs, infos, args.max_kv_tokens, args.split, args.memory_limit,
-                     args.max_batch)
+                     args.max_batch, kept_kv_tokens)
     if rank == 0:  # measured links (hostfile.py check --save): would fewer hosts be faster?
         for advice in advice_at_start(opened.costs, infos, args.max_kv_tokens,
-                                      args.memory_limit, args.max_batch):
+                                      args.memory_limit, args.max_batch,
+                                      kept=kept_kv_tokens):
             print(f"[{me}] warning: {advice}", file=sys.stderr, flush=True)
     life.set("loading")
     r = plan.ranges[rank]
@@ -157,7 +161,8 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     with named_culprit(liveness):
         preflight.ready_barrier(group, infos, rank, error, watchdog, args.load_timeout)
     wiring = wire_stage(wired_limit(opened.costs, plan.ranges, rank, infos[rank],
-                                    args.max_kv_tokens, args.max_batch), life, me)
+                                    args.max_kv_tokens, args.max_batch, kept_kv_tokens),
+                        life, me)
     if wiring is not None:
         print(f"[{me}] keeps {fmt_bytes(wiring.nbytes)} resident for its weights and KV room "
               f"(GPU wired limit; Metal keeps at most {fmt_bytes(infos[rank].working_set)})",

@@ -129,20 +129,21 @@ def stage_bytes(costs, rng: range, rank: int, kv: list) -> int:
     return stage_memory(rng, costs.weight, kv, costs.head if rank == 0 else 0)
 
 
-def kv_room_bytes(costs, max_kv_tokens: int, max_batch: int = 1) -> list:
-    """Per layer, the KV room reserved for max_batch sequences of max_kv_tokens each."""
-    return [k * max_kv_tokens * max_batch for k in costs.kv_per_token]
+def kv_room_bytes(costs, max_kv_tokens: int, max_batch: int = 1, kept: int = 0) -> list:
+    """Per layer, the KV room reserved for max_batch sequences of max_kv_tokens each, and
+    `kept` positions more (a server's prompt cache: finished sequences kept for reuse)."""
+    return [k * (max_kv_tokens * max_batch + kept) for k in costs.kv_per_token]
 
 
 def wired_limit(costs, ranges: list, rank: int, info, max_kv_tokens: int,
-                max_batch: int = 1) -> Optional[int]:
+                max_batch: int = 1, kept: int = 0) -> Optional[int]:
     """Bytes this rank keeps resident for the job (dist_runtime/metal.py wires them): its
     stage's weights and KV room; None off Metal (nothing is wired there). Never above
     what Metal keeps resident, as mlx refuses more; the plan kept it within its budget."""
     if not info.metal or not info.working_set:
         return None
     need = stage_bytes(costs, ranges[rank], rank, kv_room_bytes(costs, max_kv_tokens,
-                                                                max_batch))
+                                                                max_batch, kept))
     return min(need, info.working_set)
 
 
@@ -196,12 +197,11 @@ def _auto(costs, budgets, kv, names) -> Optional[Plan]:
         return None
 
 
-def _kv_that_fits(costs, budgets, names, max_kv: int, batch: int = 1) -> int:
+def _kv_that_fits(costs, budgets, names, max_kv: int, batch: int = 1, kept: int = 0) -> int:
     """The largest --max-kv-tokens below max_kv with which some plan fits (for `batch`
-    sequences at once), or 0."""
+    sequences at once, and `kept` positions more), or 0."""
     def fits(k):
-        return _auto(costs, budgets, [b * k * batch for b in costs.kv_per_token],
-                     names) is not None
+        return _auto(costs, budgets, kv_room_bytes(costs, k, batch, kept), names) is not None
 
     lo, hi = 0, max_kv - 1
     if hi < 1 or not fits(1):
@@ -213,16 +213,19 @@ def _kv_that_fits(costs, budgets, names, max_kv: int, batch: int = 1) -> int:
     return lo
 
 
-def kv_room(max_kv: int, batch: int) -> str:
+def kv_room(max_kv: int, batch: int, kept: int = 0) -> str:
     """How the KV room was asked for, for messages."""
-    return f"--max-kv-tokens {max_kv}" + (f" x --max-batch {batch}" if batch > 1 else "")
+    return (f"--max-kv-tokens {max_kv}" + (f" x --max-batch {batch}" if batch > 1 else "")
+            + (f" + --prompt-cache-tokens {kept}" if kept else ""))
 
 
-def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int, batch: int = 1) -> str:
+def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int, batch: int = 1,
+                  kept: int = 0) -> str:
     """The ways out when no plan fits: hosts too small, less KV room, more memory,
     quantization; joined with 'or'."""
     fixes = []
-    smallest = min(w + k * max_kv * batch for w, k in zip(costs.weight, costs.kv_per_token))
+    smallest = min(w + k for w, k in zip(costs.weight, kv_room_bytes(costs, max_kv, batch,
+                                                                      kept)))
     empty = [nm for r, (nm, b) in enumerate(zip(names, budgets))
              if b < smallest + (costs.head if r == 0 else 0)]
     if empty:
@@ -230,12 +233,14 @@ def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int, batch: int = 1)
         fixes.append(f"{', '.join(empty)} cannot hold even one layer ({fmt_bytes(smallest)} "
                      f"with its KV room{head}): give it more memory or leave it out of the "
                      f"hostfile")
-    k = _kv_that_fits(costs, budgets, names, max_kv, batch)
+    k = _kv_that_fits(costs, budgets, names, max_kv, batch, kept)
     if k:
         fixes.append(f"--max-kv-tokens {k} fits (the prompt and the generated tokens must "
                      f"stay under it)")
-    if batch > 1 and _kv_that_fits(costs, budgets, names, max_kv + 1, 1) == max_kv:
+    if batch > 1 and _kv_that_fits(costs, budgets, names, max_kv + 1, 1, kept) == max_kv:
         fixes.append("a smaller --max-batch (1 fits)")
+    if kept and _kv_that_fits(costs, budgets, names, max_kv + 1, batch) == max_kv:
+        fixes.append("a smaller --prompt-cache-tokens (0 fits)")
     short = need - sum(budgets)
     if short > 0:
         fixes.append(f"add a host with {fmt_bytes(short)} more free memory")
@@ -245,13 +250,14 @@ def _no_fit_fixes(costs, budgets, names, max_kv: int, need: int, batch: int = 1)
 
 
 def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
-              limits: Optional[list] = None, max_batch: int = 1) -> Plan:
+              limits: Optional[list] = None, max_batch: int = 1, kept: int = 0) -> Plan:
     """The plan, or a PlanError naming the host that does not fit and a fix. KV room is
-    reserved for max_batch sequences of max_kv_tokens positions each."""
+    reserved for max_batch sequences of max_kv_tokens positions each, and `kept`
+    positions more (a server's prompt cache)."""
     names = [i.name for i in infos]
     n, n_layers = len(infos), len(costs.weight)
     budgets, why = budgets_for(infos, limits)
-    kv = kv_room_bytes(costs, max_kv_tokens, max_batch)
+    kv = kv_room_bytes(costs, max_kv_tokens, max_batch, kept)
     if n > n_layers:
         raise PlanError(f"the job has {n} ranks but the model has only {n_layers} layers, and "
                         f"every rank needs at least one; list at most {n_layers} hosts in "
@@ -268,25 +274,25 @@ def make_plan(costs, infos: list, max_kv_tokens: int, split: Optional[list],
                     f"e.g. --split {counts_text(even_split(n_layers, n))}, though no split "
                     f"fits the hosts' memory: " + _no_fit_fixes(costs, budgets, names,
                                                                max_kv_tokens, need_all,
-                                                               max_batch))
+                                                               max_batch, kept))
             wired = _wired_advice(costs, infos, limits, kv, ranges) if ranges else ""
             return f"{wired}; or {text}" if wired else text
 
         return _checked_split(list(split), costs, kv, budgets, why, names,
-                              kv_room(max_kv_tokens, max_batch), fix)
+                              kv_room(max_kv_tokens, max_batch, kept), fix)
     if auto is not None:
         return auto
     hosts = ", ".join(f"{nm} can use {fmt_bytes(b)} ({w})" for nm, b, w in zip(names, budgets, why))
     raise PlanError(
         f"the model does not fit these {n} hosts: it needs {fmt_bytes(need_all)} "
         f"({fmt_bytes(sum(costs.weight) + costs.head)} of weights + {fmt_bytes(sum(kv))} of KV "
-        f"room for {kv_room(max_kv_tokens, max_batch)}; its largest layer "
+        f"room for {kv_room(max_kv_tokens, max_batch, kept)}; its largest layer "
         f"{fmt_bytes(max(w + k for w, k in zip(costs.weight, kv)))}, and rank 0 also holds "
         f"{fmt_bytes(costs.head)} of embedding and head), and no contiguous split keeps every "
         f"host within its memory: {hosts}. Fix: "
         + "; or ".join(f for f in (_wired_advice(costs, infos, limits, kv),
                                    _no_fit_fixes(costs, budgets, names, max_kv_tokens,
-                                                 need_all, max_batch)) if f))
+                                                 need_all, max_batch, kept)) if f))
 
 
 def _checked_split(split: list, costs, kv: list, budgets: list, why: list, names: list,
@@ -333,11 +339,11 @@ def read_rate(info) -> float:
 
 
 def step_estimates(costs, infos: list, hops: dict, max_kv_tokens: int,
-                   limits: Optional[list] = None, max_batch: int = 1) -> list:
+                   limits: Optional[list] = None, max_batch: int = 1, kept: int = 0) -> list:
     """Per k = 1..n: None where the first k hosts cannot hold the model (or a hop of
     their ring was not measured), else (compute s, network s, plan) of one decode step
     of max_batch sequences on them. `hops`: {(from, to): (latency s, bytes/s)}."""
-    kv = kv_room_bytes(costs, max_kv_tokens, max_batch)
+    kv = kv_room_bytes(costs, max_kv_tokens, max_batch, kept)
     hop_bytes = costs.hidden_bytes * max_batch  # [batch, 1, hidden] crosses every hop
     out = []
     for k in range(1, len(infos) + 1):
@@ -366,7 +372,7 @@ def _ms(s: float) -> str:
 def host_count_advice(costs, infos: list, hops: Optional[dict], max_kv_tokens: int,
                       limits: Optional[list] = None, max_batch: int = 1,
                       fix: Optional[Callable[[int], str]] = None,
-                      est: Optional[list] = None) -> Optional[str]:
+                      est: Optional[list] = None, kept: int = 0) -> Optional[str]:
     """The warning when the first k < n hosts would decode clearly faster than all n over
     the measured links, with the numbers and `fix(k)` (how to keep those hosts; by default
     it names them); None when all hosts are best, the links are unknown, or fewer hosts
@@ -374,7 +380,7 @@ def host_count_advice(costs, infos: list, hops: Optional[dict], max_kv_tokens: i
     if not hops or len(infos) < 2:
         return None
     if est is None:
-        est = step_estimates(costs, infos, hops, max_kv_tokens, limits, max_batch)
+        est = step_estimates(costs, infos, hops, max_kv_tokens, limits, max_batch, kept)
     k = fewest_hosts_time([None if e is None else e[0] + e[1] for e in est],
                           FEWER_HOSTS_MARGIN)
     if k is None:

@@ -255,7 +255,7 @@ def ring_ips_from_env(environ=None) -> Optional[list]:
 
 
 def advice_at_start(costs, infos: list, max_kv_tokens: int, limits, max_batch: int,
-                    environ=None) -> list:
+                    environ=None, kept: int = 0) -> list:
     """What rank 0 says at start about the links (PIPELINE_LINKS, from the hostfile's envs
     once `check --save` recorded them): the advice on fewer hosts, or why the recorded
     links were ignored; [] without recorded links (the job plans as it always did)."""
@@ -284,5 +284,6 @@ def advice_at_start(costs, infos: list, max_kv_tokens: int, limits, max_batch: i
                 f"{', '.join(i.name for i in infos[:k])}), e.g. python launch/hostfile.py "
                 f"write --hosts <their ssh names> --ips {ip_text} -o hostfiles/fewer.json")
 
-    advice = host_count_advice(costs, infos, hops, max_kv_tokens, limits, max_batch, keep)
+    advice = host_count_advice(costs, infos, hops, max_kv_tokens, limits, max_batch, keep,
+                               kept=kept)
     return [advice] if advice else []

@@ -15,7 +15,6 @@ The HTTP side is FastAPI on uvicorn, in a thread with its own event loop; the en
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import math
 import socket
@@ -584,10 +583,8 @@ def main(argv=None) -> int:
     try:
         sock = listen(args.host, args.port) if env_rank() in (None, 0) else None
         # The plan reserves KV room for the running sequences and the prompt cache.
-        plan_args = copy.copy(args)
-        plan_args.max_batch = args.max_batch + math.ceil(args.prompt_cache_tokens /
-                                                         args.max_kv_tokens)
-        job = start_job(plan_args, life, argv, prompt="Hello")
+        job = start_job(args, life, argv, prompt="Hello",
+                        kept_kv_tokens=args.prompt_cache_tokens)
         if job.rank != 0:
             return job.serve_as_stage(life)
         life.set("serving")

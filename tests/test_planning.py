@@ -3,7 +3,8 @@
 import pytest
 
 from dist_runtime.partition import PlanError
-from dist_runtime.planning import even_split, fmt_bytes, make_plan, parse_memory_limits
+from dist_runtime.planning import (even_split, fmt_bytes, kv_room_bytes, make_plan,
+                                   parse_memory_limits)
 from tests.test_preflight import costs, hosts
 
 
@@ -85,3 +86,19 @@ def test_max_batch_reserves_kv_for_every_sequence():
     k = int(msg.split("Fix: ")[1].split("--max-kv-tokens ")[1].split()[0])
     assert k < 4096
     make_plan(c, hosts(20, 20), k, None, max_batch=8)  # the proposal is accepted
+
+
+def test_a_prompt_cache_is_reserved_beside_the_batch_and_named_as_itself():
+    # A server's kept positions add to --max-batch sequences' room; a refusal names the
+    # user's own options (not a --max-batch raised to make room) and offers each way out.
+    c = costs(kv_per_token=100_000)
+    make_plan(c, hosts(20, 20), 4096, None, max_batch=2)
+    with pytest.raises(PlanError) as e:
+        make_plan(c, hosts(20, 20), 4096, None, max_batch=2, kept=6 * 4096)
+    msg = str(e.value)
+    assert "--max-kv-tokens 4096 x --max-batch 2 + --prompt-cache-tokens 24576" in msg, msg
+    assert "a smaller --prompt-cache-tokens (0 fits)" in msg, msg
+    k = int(msg.split("Fix: ")[1].split("--max-kv-tokens ")[1].split()[0])
+    assert k < 4096
+    make_plan(c, hosts(20, 20), k, None, max_batch=2, kept=6 * 4096)  # accepted
+    assert kv_room_bytes(c, 4096, 2, 100) == [100_000 * (2 * 4096 + 100)] * 8

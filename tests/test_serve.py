@@ -10,13 +10,15 @@ idle, with no sequence in flight.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
 import openai
 import pytest
 
-from tests.launcher import launch
+from tests.launcher import ROOT, launch
 from tests.serving import MODEL, Server
 
 pytestmark = pytest.mark.timeout(180)
@@ -261,3 +263,15 @@ def test_a_follow_up_turn_reuses_the_first_turns_kv_on_every_rank(server):
     status, h = server.health()
     assert h["prompt_cache"]["hits"] >= 2, h["prompt_cache"]
     wait_idle(server)
+
+
+def test_the_plan_reserves_the_prompt_cache_and_a_refusal_names_it():
+    """A prompt cache too large for memory is refused at start, in the user's own terms:
+    their --max-batch as given, the cache's own option, and the way out."""
+    p = subprocess.run([sys.executable, str(ROOT / "launch/serve.py"), "--model", MODEL,
+                        "--synthetic", "tiny", "--port", "0", "--max-batch", "3",
+                        "--prompt-cache-tokens", "1000000000"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert p.returncode != 0, p.stderr
+    assert "x --max-batch 3 + --prompt-cache-tokens 1000000000" in p.stderr, p.stderr
+    assert "a smaller --prompt-cache-tokens (0 fits)" in p.stderr, p.stderr
