@@ -32,6 +32,16 @@ def shaped(name):
     return PROFILES[name], cluster(3, name)
 
 
+def tcp_ceiling(prof) -> float:
+    """Bytes/s one TCP flow can reach on the profile: its rate, or less where its loss
+    limits the window (Mathis et al.: MSS / RTT * 1.22 / sqrt(loss)); Wi-Fi's 0.1% loss
+    at 6 ms caps a flow near 9 MB/s, under its 25 MB/s rate."""
+    rate = prof.rate_mbit * 1e6 / 8
+    if not prof.loss:
+        return rate
+    return min(rate, (prof.mtu - 52) / (prof.rtt_ms / 1e3) * 1.22 / prof.loss ** 0.5)
+
+
 def ring_links(report):
     return [r for r in report["links"] if r["kind"] == "ring"]
 
@@ -45,8 +55,8 @@ def test_wifi_links_are_measured_warned_about_and_fewer_hosts_advised():
         assert [(r["from"], r["to"]) for r in links] == [(0, 1), (1, 2), (2, 0)]
         for r in links:  # the shaping, seen by the probe (the wire adds under 2 ms)
             assert prof.rtt_ms / 1e3 <= r["rtt_s"] < prof.rtt_ms / 1e3 + 2e-3, r
-            assert 0.5 * prof.rate_mbit * 1e6 / 8 < r["bytes_per_s"] <= 1.05 * prof.rate_mbit \
-                * 1e6 / 8, r
+            rate = prof.rate_mbit * 1e6 / 8
+            assert 0.4 * tcp_ceiling(prof) < r["bytes_per_s"] <= 1.05 * rate, r
         slow = [p["message"] for p in report["problems"] if "is slow for a pipeline" in
                 p["message"]]
         assert len(slow) == 3
