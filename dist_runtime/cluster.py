@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,8 @@ import psutil
 from dist_runtime import metal
 from dist_runtime.errors import StartError
 from dist_runtime.hostfiles import ring_address_list
+from dist_runtime.init_watch import watched
+from dist_runtime.lifecycle import env_rank
 
 INFO_BYTES = 1024  # room for one rank's JSON facts in the gather
 START_WAIT = ("every rank to start and connect (a host may still be starting, may have "
@@ -105,16 +108,20 @@ def ring_addresses() -> Optional[list]:
     return ring_address_list()
 
 
-def init_group(guard=None, timeout: Optional[float] = None):
+def init_group(me: str = "", timeout: Optional[float] = None):
     """The world group (size 1 when not started by mlx.launch), within `timeout` s.
 
-    mx.distributed.init blocks until the neighbours connect; with a `guard` (Watchdog)
-    a rank whose neighbour never comes says so and exits instead of waiting forever.
+    mx.distributed.init blocks until the neighbours connect, holding the GIL, so no
+    thread of this process can keep its deadline: with `timeout` (and a launcher's rank
+    set), a child process does (dist_runtime/init_watch.py), and a rank whose neighbour
+    never comes, or whose launcher goes away, says so (`me` names it) and ends instead
+    of waiting forever.
     """
-    if guard is not None and timeout:
-        guard.arm(timeout, f"waited {timeout:.0f} s for {START_WAIT}; see --load-timeout")
+    watch = watched(me, timeout, START_WAIT) if timeout and env_rank() is not None \
+        else nullcontext()
     try:
-        return mx.distributed.init()
+        with watch:
+            return mx.distributed.init()
     except RuntimeError as e:
         rank = os.environ.get("MLX_RANK", "?")
         addrs = ring_addresses()
@@ -130,9 +137,6 @@ def init_group(guard=None, timeout: Optional[float] = None):
             hint += ("; error 98/48 means the port is in use: another job (or its liveness "
                      "channel) may hold it: start this one with --starting-port PORT")
         raise StartError(f"could not join the group: {e}{hint}") from e
-    finally:
-        if guard is not None:
-            guard.disarm()
 
 
 def gather_json(group, obj, nbytes: int = INFO_BYTES, guard=None,
@@ -162,9 +166,6 @@ def gather_json(group, obj, nbytes: int = INFO_BYTES, guard=None,
         raise StartError(f"lost the connection to another rank while waiting for "
                          f"{what or 'every rank to start'} ({e}): it died or its host became "
                          f"unreachable; look above for its error") from e
-    finally:
-        if guard is not None:
-            guard.disarm()
     out = []
     for r, row in enumerate(np.array(total)):
         try:

@@ -1,0 +1,74 @@
+"""A deadline for mx.distributed.init, kept by a process of its own.
+
+mlx's binding of `mx.distributed.init` holds Python's GIL while the ring backend waits
+in accept()/connect() for the neighbours. So while a rank waits there, none of its
+Python threads run: not the Watchdog (dist_runtime/faults.py), not the launcher watch
+or the signal thread (dist_runtime/lifecycle.py). A rank whose neighbour never came,
+or whose launcher was killed meanwhile, waited forever (seen: a rank left over by a
+killed test job, still in accept() an hour later). So the wait runs under a small child
+process that needs nothing from the rank: when the deadline passes, or the rank's
+parent (its launcher) goes away, it prints the rank's error line and kills the rank
+(SIGKILL: a blocked rank can act on no other signal); it exits once the rank is
+through, or gone.
+
+    python -m dist_runtime.init_watch PID PARENT_PID SECONDS ME   (started by `watched`)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import psutil
+
+POLL_S = 0.2
+
+
+@contextmanager
+def watched(me: str, seconds: float, waiting_for: str):
+    """Run the body (the blocking init) under the child watcher; `me` names the rank in
+    its error line ('rank r (host)'), `waiting_for` says what it waits for."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "dist_runtime.init_watch", str(os.getpid()),
+         str(os.getppid()), str(seconds), me, waiting_for],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        child.kill()
+        child.wait()
+
+
+def watch(pid: int, parent: int, seconds: float, me: str, waiting_for: str):
+    """The child: until rank `pid` is gone, kill it with its error line when `seconds`
+    pass or its parent is no longer `parent`."""
+    end = time.monotonic() + seconds
+    while True:
+        time.sleep(POLL_S)
+        try:
+            now_parent = psutil.Process(pid).ppid()
+        except psutil.NoSuchProcess:
+            return
+        if now_parent != parent:
+            why = (f"stopped because its launcher is gone (its parent process {parent} "
+                   f"exited) while it waited for {waiting_for}")
+        elif time.monotonic() >= end:
+            why = f"waited {seconds:.0f} s for {waiting_for}; see --load-timeout"
+        else:
+            continue
+        print(f"[{me}] error: {why}", file=sys.stderr, flush=True)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+
+
+if __name__ == "__main__":
+    _pid, _parent, _seconds, _me, _waiting_for = sys.argv[1:6]
+    watch(int(_pid), int(_parent), float(_seconds), _me, _waiting_for)

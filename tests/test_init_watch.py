@@ -1,0 +1,58 @@
+"""A rank waiting in mx.distributed.init for neighbours that never come still ends.
+
+mlx holds the GIL in that wait, so the rank's own threads cannot act; the child watcher
+(dist_runtime/init_watch.py) does. Real processes: one rank of a two-rank ring started
+alone (its neighbour never comes), against --load-timeout, and against its launcher
+going away (its parent exits).
+"""
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+from tests.launcher import ROOT
+from tests.live import alive
+
+START = "for every rank to start and connect"
+
+
+def lone_rank_env(tmp_path) -> dict:
+    """Rank 1 of a two-rank ring on this host whose rank 0 never starts."""
+    port = random.randrange(20000, 60000, 16)
+    hostfile = tmp_path / "ring.json"
+    hostfile.write_text(f'[["127.0.0.1:{port}"], ["127.0.0.1:{port + 1}"]]')
+    return dict(os.environ, MLX_RANK="1", MLX_HOSTFILE=str(hostfile))
+
+
+def run_args(load_timeout: int) -> list:
+    return [sys.executable, str(ROOT / "launch/run.py"), "--model", "glm4_moe",
+            "--synthetic", "tiny", "--prompt", "hi", "--load-timeout", str(load_timeout)]
+
+
+def test_a_rank_whose_neighbour_never_comes_ends_at_its_load_timeout(tmp_path):
+    t0 = time.monotonic()
+    p = subprocess.run(run_args(3), env=lone_rank_env(tmp_path), capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=ROOT)
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 20, p.stderr
+    assert "[rank 1 (" in p.stderr and f"waited 3 s {START}" in p.stderr, p.stderr
+
+
+def test_a_rank_waiting_for_its_neighbours_ends_when_its_launcher_goes(tmp_path):
+    # The "launcher" starts the rank, says its pid, and exits a second later.
+    cmd = " ".join(f"'{a}'" for a in run_args(120))
+    launcher = subprocess.run(["bash", "-c", f"{cmd} 2>{tmp_path}/err & echo $!; sleep 1"],
+                              env=lone_rank_env(tmp_path), capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL, cwd=ROOT)
+    pid = int(launcher.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gone = not alive(pid)
+    if not gone:
+        os.kill(pid, 9)
+    err = (tmp_path / "err").read_text()
+    assert gone, f"the rank outlived its launcher by 14 s:\n{err}"
+    assert "its launcher is gone" in err and START in err, err
