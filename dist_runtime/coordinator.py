@@ -158,23 +158,20 @@ class Coordinator:
     def step(self) -> bool:
         """Carry out the schedule's next action; False when there is nothing to do."""
         if self._prepared is not None:  # built while its input came round the ring
-            action, h = self._prepared
-            self._prepared = None
+            (action, h), self._prepared = self._prepared, None
             self._pass_on(Header(OP_FORWARD, action.id), h, action.rows)
-            self.schedule.sent(action)
-            self._read_tokens()
-            return True
-        action = self.schedule.next_action()
-        if action.kind in (RECV, DONE) and self._unread:
-            self._read_tokens()  # nothing to queue first: read now
-            return True
-        if action.kind == DONE:
-            return False
-        if action.kind == RECV:
-            self._receive(action.id)
-            return True
-        {CHUNK: self._send_chunk, STEP: self._send_step,
-         RELEASE: self._send_release}[action.kind](action)
+        else:
+            action = self.schedule.next_action()
+            if action.kind in (RECV, DONE) and self._unread:
+                self._read_tokens()  # nothing to queue first: read now
+                return True
+            if action.kind == DONE:
+                return False
+            if action.kind == RECV:
+                self._receive(action.id)
+                return True
+            {CHUNK: self._send_chunk, STEP: self._send_step,
+             RELEASE: self._send_release}[action.kind](action)
         self.schedule.sent(action)
         self._read_tokens()  # the device has the next step: now read the last one
         return True
@@ -400,7 +397,7 @@ class Coordinator:
     def _prepare_next(self):
         """Build the schedule's next action now if it is a step of a micro-batch with the
         rows of its last step (nothing to tell the stages first); `step` sends it."""
-        action = self.schedule.next_action()
+        action = self.schedule.next_action()  # a new micro-batch's id, unused, is skipped
         last = self.steps.get(action.id) if action.kind == STEP else None
         if last is not None and last.rows == action.rows:
             self._prepared = (action, self._build_step(action))
