@@ -9,7 +9,10 @@ killed test job, still in accept() an hour later). So the wait runs under a smal
 process that needs nothing from the rank: when the deadline passes, or the rank's
 parent (its launcher) goes away, it prints the rank's error line and kills the rank
 (SIGKILL: a blocked rank can act on no other signal); it exits once the rank is
-through, or gone.
+through, or gone. The rank holds the write end of a pipe on the child's stdin, so the
+child sees the rank go (end of file) the moment it does, however it goes; a rank that
+exits on purpose meanwhile (a stop, dist_runtime/lifecycle.py) ends and reaps its
+watchers first (`stop_watchers`), so no watcher outlives its job.
 
     python -m dist_runtime.init_watch PID PARENT_PID SECONDS ME   (started by `watched`)
 """
@@ -17,6 +20,7 @@ through, or gone.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -26,30 +30,50 @@ from contextlib import contextmanager
 import psutil
 
 POLL_S = 0.2
+_watchers: set = set()  # this rank's running watcher processes
 
 
 @contextmanager
 def watched(me: str, seconds: float, waiting_for: str):
     """Run the body (the blocking init) under the child watcher; `me` names the rank in
     its error line ('rank r (host)'), `waiting_for` says what it waits for."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "dist_runtime.init_watch", str(os.getpid()),
-         str(os.getppid()), str(seconds), me, waiting_for],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    read_end, write_end = os.pipe()  # the write end stays here (not inherited)
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "dist_runtime.init_watch", str(os.getpid()),
+             str(os.getppid()), str(seconds), me, waiting_for],
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            stdin=read_end, stdout=subprocess.DEVNULL)
+    finally:
+        os.close(read_end)
+    _watchers.add(child)
     try:
         yield
     finally:
-        child.kill()
-        child.wait()
+        os.close(write_end)
+        _end(child)
+
+
+def stop_watchers():
+    """End and reap this rank's watchers: called on the way to os._exit, which skips
+    the `finally` of a `watched` body still running in the main thread."""
+    for child in list(_watchers):
+        _end(child)
+
+
+def _end(child: subprocess.Popen):
+    _watchers.discard(child)
+    child.kill()
+    child.wait()
 
 
 def watch(pid: int, parent: int, seconds: float, me: str, waiting_for: str):
-    """The child: until rank `pid` is gone, kill it with its error line when `seconds`
-    pass or its parent is no longer `parent`."""
+    """The child: until rank `pid` is gone (its pipe on stdin reaches end of file), kill
+    it with its error line when `seconds` pass or its parent is no longer `parent`."""
     end = time.monotonic() + seconds
     while True:
-        time.sleep(POLL_S)
+        if select.select([sys.stdin], [], [], POLL_S)[0]:
+            return  # the rank closed its end: through init, or gone
         try:
             now_parent = psutil.Process(pid).ppid()
         except psutil.NoSuchProcess:

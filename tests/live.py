@@ -208,7 +208,18 @@ class LiveJob:
         return rc
 
     def leftovers(self) -> list:
-        """Processes still running with this job's marker (ranks, launcher), not us."""
+        """'pid: command line' of each process still running with this job's marker
+        (ranks, launcher, watchers), not us: what an assertion shows."""
+        out = []
+        for p in self._marked():
+            try:
+                out.append(f"{p.pid}: {' '.join(p.cmdline())}")
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return out
+
+    def _marked(self) -> list:
+        """The processes behind leftovers()."""
         found = []
         for p in psutil.process_iter(["pid"]):
             if p.pid == os.getpid():
@@ -223,7 +234,7 @@ class LiveJob:
 
     def close(self):
         """Resume and kill whatever is left of the job (always call, e.g. in finally)."""
-        for p in self.leftovers():
+        for p in self._marked():
             try:
                 p.send_signal(signal.SIGCONT)
                 p.kill()

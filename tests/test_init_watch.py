@@ -8,9 +8,12 @@ going away (its parent exits).
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
+
+import psutil
 
 from tests.launcher import ROOT
 from tests.live import alive
@@ -56,3 +59,29 @@ def test_a_rank_waiting_for_its_neighbours_ends_when_its_launcher_goes(tmp_path)
     err = (tmp_path / "err").read_text()
     assert gone, f"the rank outlived its launcher by 14 s:\n{err}"
     assert "its launcher is gone" in err and START in err, err
+
+
+def test_a_watcher_ends_the_moment_its_rank_is_killed(tmp_path):
+    """SIGKILL to a rank waiting in init: its watcher sees the pipe close and ends at
+    once, even while the rank is a zombie nobody has reaped yet (a watcher polling the
+    pid would still see it and wait out the 120 s)."""
+    rank = subprocess.Popen(run_args(120), env=lone_rank_env(tmp_path), cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        watcher = None
+        deadline = time.monotonic() + 30
+        while watcher is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            watcher = next((c for c in psutil.Process(rank.pid).children()
+                            if "dist_runtime.init_watch" in " ".join(c.cmdline())), None)
+        assert watcher is not None, "the rank started no watcher within 30 s"
+        os.kill(rank.pid, signal.SIGKILL)  # not reaped: a zombie until rank.wait()
+        try:
+            watcher.wait(2)
+        except psutil.TimeoutExpired:
+            watcher.kill()
+            raise AssertionError("the watcher outlived its killed rank by 2 s")
+    finally:
+        rank.kill()
+        rank.wait()
