@@ -60,7 +60,10 @@ class Arrivals:
     @classmethod
     def find(cls, rank: int, size: int, nodes: Optional[list] = None) -> "Arrivals":
         """The ring's sockets of rank `rank` in a ring of `size`, from its addresses
-        (MLX_HOSTFILE's lists when `nodes` is None); none found: an empty Arrivals."""
+        (MLX_HOSTFILE's lists when `nodes` is None); none found: an empty Arrivals.
+        Call it right after mx.distributed.init, before the process opens any other
+        connection: a later one may be given the ring's (closed) listening port as its
+        own local port, and a lower fd than the ring's, and would be taken for it."""
         nodes = ring_address_list() if nodes is None else nodes
         if size < 2 or not nodes or len(nodes) != size:
             return cls({})
@@ -70,9 +73,7 @@ class Arrivals:
         except (IndexError, TypeError, ProbeError):
             return cls({})
         left_sock = right_sock = None
-        # The first match of each: the ring connects at init, before anything else this
-        # process opens, and its listening port is free afterwards (a later connection
-        # may be given it as its own local port).
+        # The first match of each: the ring opens one connection per address, in order.
         for s, local, peer in _open_tcp_sockets():
             if left_sock is None and local[1] == mine[1] and _same_ip(local[0], mine[0]):
                 left_sock = s

@@ -122,6 +122,9 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     watchdog = Watchdog(on_expire=lambda what: life.exit_with_error(what, EXIT_PEER_LOST))
     group = init_group(life.me, args.load_timeout)
     rank, n = group.rank(), group.size()
+    # Now, while the ring's are the only connections this rank holds (the liveness
+    # channel's come next, and may reuse the ring's listening port and a lower fd).
+    arrivals = Arrivals.find(rank, n)
     life.rank = rank
     argv = sys.argv[1:] if argv is None else argv
     liveness = join_job(group, life, watchdog, args, argv)
@@ -174,7 +177,7 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     transport = None
     if n > 1:
         transport = Transport(group, model.hidden_width, model.activation_dtype(), faults,
-                              args.timeout, args.first_timeout, Arrivals.find(rank, n))
+                              args.timeout, args.first_timeout, arrivals)
     # Default: a micro-batch per device, so each one has work; ranks sharing a GPU would
     # only take turns on it, each micro-batch reading the weights again.
     micro_batches = args.micro_batches or distinct_devices(infos)
