@@ -16,7 +16,11 @@ first runs 2K small kernels per round alone (rank 1 idle), then the two ranks ta
 turns: K kernels, a decode step's message to the other, K kernels there, back. The
 difference per round is the price of handing the GPU from one process to the other
 twice (two hops included), at that much work: the figure a two-ranks-on-one-GPU
-benchmark must subtract before it says what the pipeline itself costs.
+benchmark must subtract before it says what the pipeline itself costs. Then the same
+turns chained: each rank queues receive, kernels and send as one `mx.async_eval`
+before the data is there, and waits only for the round before (the chain a stage
+could queue; on CUDA the GPU's wait for a receive is a kernel that polls until the
+CPU stream signals it).
 """
 
 import argparse
@@ -67,7 +71,8 @@ def hop_ms(group, shape, dtype, header: bool, n: int) -> float:
 
 def work_ms(group, kernels: int, n: int, width: int, weights_gb: float) -> tuple:
     """(ms per round with rank 0 running 2*kernels alone, ms per round with the ranks
-    taking turns at `kernels` each and a [16, 1, width] bf16 message each way). The
+    taking turns at `kernels` each and a [16, 1, width] bf16 message each way, the same
+    chained: each round queued whole before the last one is waited for). The
     kernels read `weights_gb` of distinct weights per rank in turn (rank 0 alone: twice
     as much, both ranks' share), as a stage reads its layers; 0: one small weight."""
     rank, other = group.rank(), 1 - group.rank()
@@ -107,7 +112,37 @@ def work_ms(group, kernels: int, n: int, width: int, weights_gb: float) -> tuple
             h = mx.distributed.recv(x.shape, x.dtype, other, group=group)
             mx.eval(h)
             mx.eval(mx.distributed.send(run(h, kernels, mine), other, group=group))
-    return alone, (time.perf_counter() - t0) / n * 1e3
+    turns = (time.perf_counter() - t0) / n * 1e3
+    return alone, turns, chained_ms(group, n, x, lambda h: run(h, kernels, mine))
+
+
+def chained_ms(group, n: int, x: mx.array, run) -> float:
+    """Ms per round of the turns with each rank's receive, kernels and send queued as
+    one chain (rank 0's next kernels take the lazy answer as input), one round ahead.
+    Each part is queued by an async_eval of its own, in the order the ranks pair the
+    messages: within one eval, mlx may run a receive before an independent send (a
+    deadlock when the other rank's send waits on that send), and a send evaluated with
+    the GPU work it sends waits for that work on the host (mlx's CUDA Fence::wait)."""
+    rank, other = group.rank(), 1 - group.rank()
+    h, last = x, None
+    for i in range(n + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        if rank == 0:
+            out = run(h)
+            h = mx.distributed.recv(x.shape, x.dtype, other, group=group)
+            queued = [out, mx.distributed.send(out, other, group=group), h]
+        else:
+            got = mx.distributed.recv(x.shape, x.dtype, other, group=group)
+            out = run(got)
+            queued = [got, out, mx.distributed.send(out, other, group=group)]
+        for a in queued:
+            mx.async_eval(a)
+        if last is not None:
+            mx.eval(last)
+        last = queued
+    mx.eval(last)
+    return (time.perf_counter() - t0) / n * 1e3
 
 
 def main():
@@ -124,12 +159,13 @@ def main():
     if group.size() != 2:
         sys.exit("pingpong.py needs exactly 2 ranks")
     for k in (int(v) for v in args.work.split(",") if v.strip()):
-        alone, turns = work_ms(group, k, max(args.n // 10, 10), args.width, args.weights_gb)
+        alone, turns, chained = work_ms(group, k, max(args.n // 10, 10), args.width,
+                                        args.weights_gb)
         if group.rank() == 0:
             print(f"{2 * k} kernels [16, 1, {args.width}] bf16 over "
                   f"{2 * args.weights_gb:g} GB of weights: {alone:.2f} ms in one "
                   f"process, {turns:.2f} ms in two taking turns: {turns - alone:+.2f} ms "
-                  f"a round", flush=True)
+                  f"a round; chained: {chained:.2f} ms ({chained - alone:+.2f})", flush=True)
     for length in (1, 512):
         for header in (False, True):
             ms = hop_ms(group, (1, length, args.width), mx.bfloat16, header,
