@@ -119,23 +119,25 @@ def work_ms(group, kernels: int, n: int, width: int, weights_gb: float) -> tuple
 def chained_ms(group, n: int, x: mx.array, run) -> float:
     """Ms per round of the turns with each rank's receive, kernels and send queued as
     one chain (rank 0's next kernels take the lazy answer as input), one round ahead.
-    Each part is queued by an async_eval of its own, in the order the ranks pair the
-    messages: within one eval, mlx may run a receive before an independent send (a
-    deadlock when the other rank's send waits on that send), and a send evaluated with
-    the GPU work it sends waits for that work on the host (mlx's CUDA Fence::wait)."""
+
+    Each message is queued by an async_eval of its own, in the order the ranks pair
+    them: within one eval, mlx may run a receive before an independent send (a deadlock
+    when the other rank's send waits on that send). A send is evaluated with the kernels
+    it sends, so mlx's CUDA backend waits for them on the host (its Fence::wait) once
+    they are queued; queued in an async_eval apart from their send, the same rounds
+    hung on one H200 (mlx 0.32.4)."""
     rank, other = group.rank(), 1 - group.rank()
     h, last = x, None
     for i in range(n + 2):
         if i == 2:
             t0 = time.perf_counter()
         if rank == 0:
-            out = run(h)
-            h = mx.distributed.recv(x.shape, x.dtype, other, group=group)
-            queued = [out, mx.distributed.send(out, other, group=group), h]
+            queued = [mx.distributed.send(run(h), other, group=group),
+                      mx.distributed.recv(x.shape, x.dtype, other, group=group)]
+            h = queued[1]
         else:
             got = mx.distributed.recv(x.shape, x.dtype, other, group=group)
-            out = run(got)
-            queued = [got, out, mx.distributed.send(out, other, group=group)]
+            queued = [got, mx.distributed.send(run(got), other, group=group)]
         for a in queued:
             mx.async_eval(a)
         if last is not None:
