@@ -8,9 +8,13 @@ or whose launcher was killed meanwhile, waited forever (seen: a rank left over b
 killed test job, still in accept() an hour later). So the wait runs under a small child
 process that needs nothing from the rank: when the deadline passes, or the rank's
 parent (its launcher) goes away, it prints the rank's error line and kills the rank
-(SIGKILL: a blocked rank can act on no other signal); it exits once the rank is
-through, or gone. The rank holds the write end of a pipe on the child's stdin, so the
-child sees the rank go (end of file) the moment it does, however it goes; a rank that
+(SIGKILL: a blocked rank can act on no other signal); so it does when a stop signal
+sent to the rank's process group (Ctrl-C) reaches it. A SIGTERM to the rank alone (as
+mlx.launch sends once another rank failed) is taken by the rank's signal thread, which
+then waits for the GIL: such a rank ends at the deadline (--start-timeout), or when its
+launcher goes. It exits once the rank is through, or gone. The rank holds the write
+end of a pipe on the child's stdin, so the child sees the rank go (end of file) the
+moment it does, however it goes; a rank that
 exits on purpose meanwhile (a stop, dist_runtime/lifecycle.py) ends and reaps its
 watchers first (`stop_watchers`), so no watcher outlives its job.
 
@@ -30,6 +34,7 @@ from contextlib import contextmanager
 import psutil
 
 POLL_S = 0.2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _watchers: set = set()  # this rank's running watcher processes
 
 
@@ -69,7 +74,14 @@ def _end(child: subprocess.Popen):
 
 def watch(pid: int, parent: int, seconds: float, me: str, waiting_for: str):
     """The child: until rank `pid` is gone (its pipe on stdin reaches end of file), kill
-    it with its error line when `seconds` pass or its parent is no longer `parent`."""
+    it with its error line when `seconds` pass, its parent is no longer `parent`, or a
+    stop signal reaches the watcher: one sent to the whole process group (Ctrl-C in the
+    terminal) reaches the rank too, which cannot act on it in init (its signal thread
+    needs the GIL), so its watcher does."""
+    stops: list = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda sig, _frame: stops.append(sig))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # the rank's mask is inherited
     end = time.monotonic() + seconds
     while True:
         if select.select([sys.stdin], [], [], POLL_S)[0]:
@@ -78,14 +90,20 @@ def watch(pid: int, parent: int, seconds: float, me: str, waiting_for: str):
             now_parent = psutil.Process(pid).ppid()
         except psutil.NoSuchProcess:
             return
-        if now_parent != parent:
+        if stops:
+            why = (f"stopped by {signal.Signals(stops[0]).name} while it waited for "
+                   f"{waiting_for}")
+        elif now_parent != parent:
             why = (f"stopped because its launcher is gone (its parent process {parent} "
                    f"exited) while it waited for {waiting_for}")
         elif time.monotonic() >= end:
-            why = f"waited {seconds:.0f} s for {waiting_for}; see --load-timeout"
+            why = f"waited {seconds:.0f} s for {waiting_for}; see --start-timeout"
         else:
             continue
-        print(f"[{me}] error: {why}", file=sys.stderr, flush=True)
+        try:
+            print(f"[{me}] error: {why}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # nothing reads it any more (the launcher is gone): kill the rank anyway
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -120,7 +120,7 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     """
     check_start_env()
     watchdog = Watchdog(on_expire=lambda what: life.exit_with_error(what, EXIT_PEER_LOST))
-    group = init_group(life.me, args.load_timeout)
+    group = init_group(life.me, min(args.start_timeout, args.load_timeout))
     rank, n = group.rank(), group.size()
     # Now, while the ring's are the only connections this rank holds (the liveness
     # channel's come next, and may reuse the ring's listening port and a lower fd).

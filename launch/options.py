@@ -20,6 +20,11 @@ from dist_runtime.source import DTYPES
 DEFAULT_TIMEOUT = 20.0  # s a rank waits for a neighbour once the first prompt went round
 DEFAULT_FIRST_TIMEOUT = 600.0  # s until then: first kernel compile, a long first prefill
 LOAD_TIMEOUT = 1800.0  # s for every rank to start, pass the checks and load (100 GB loads)
+# s for every rank to start and connect the ring: mlx.launch starts them together, so
+# this is the slowest host's start (ssh, Python, mlx), not its load. A rank that failed
+# to start (its port in use) leaves the others waiting in mlx's init, where no signal
+# reaches them (dist_runtime/init_watch.py): this bounds that wait.
+START_TIMEOUT = 120.0
 HEARTBEAT_TIMEOUT = 6.0  # s without a heartbeat before a rank is named, whatever it does
 
 
@@ -76,6 +81,9 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--first-timeout", type=float, default=DEFAULT_FIRST_TIMEOUT,
                    help="the same until the first prompt has gone round (first compile, "
                    "long first prefill); at least --timeout")
+    p.add_argument("--start-timeout", type=float, default=START_TIMEOUT,
+                   help="seconds for every rank to start and connect the ring (a rank "
+                   "that failed to start leaves the others waiting this long)")
     p.add_argument("--load-timeout", type=float, default=LOAD_TIMEOUT,
                    help="seconds for every rank to start, pass the checks and load its layers")
     p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT,
@@ -101,7 +109,8 @@ def check_model_args(p: argparse.ArgumentParser, args):
     if not 0 <= args.liveness_port < 65536:
         p.error(f"--liveness-port must be a TCP port (1 to 65535, or 0 for the ring's "
                 f"ports), got {args.liveness_port}")
-    for name in ("timeout", "first_timeout", "load_timeout", "heartbeat_timeout"):
+    for name in ("timeout", "first_timeout", "start_timeout", "load_timeout",
+                 "heartbeat_timeout"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be above 0 seconds, got "
                     f"{getattr(args, name)}")

@@ -2,7 +2,7 @@
 
 mlx holds the GIL in that wait, so the rank's own threads cannot act; the child watcher
 (dist_runtime/init_watch.py) does. Real processes: one rank of a two-rank ring started
-alone (its neighbour never comes), against --load-timeout, and against its launcher
+alone (its neighbour never comes), against --start-timeout, and against its launcher
 going away (its parent exits).
 """
 
@@ -29,12 +29,12 @@ def lone_rank_env(tmp_path) -> dict:
     return dict(os.environ, MLX_RANK="1", MLX_HOSTFILE=str(hostfile))
 
 
-def run_args(load_timeout: int) -> list:
+def run_args(start_timeout: int) -> list:
     return [sys.executable, str(ROOT / "launch/run.py"), "--model", "glm4_moe",
-            "--synthetic", "tiny", "--prompt", "hi", "--load-timeout", str(load_timeout)]
+            "--synthetic", "tiny", "--prompt", "hi", "--start-timeout", str(start_timeout)]
 
 
-def test_a_rank_whose_neighbour_never_comes_ends_at_its_load_timeout(tmp_path):
+def test_a_rank_whose_neighbour_never_comes_ends_at_its_start_timeout(tmp_path):
     t0 = time.monotonic()
     p = subprocess.run(run_args(3), env=lone_rank_env(tmp_path), capture_output=True,
                        text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=ROOT)
@@ -85,3 +85,42 @@ def test_a_watcher_ends_the_moment_its_rank_is_killed(tmp_path):
     finally:
         rank.kill()
         rank.wait()
+
+
+def test_a_rank_ends_when_its_launcher_goes_with_the_pipe_it_read_stderr_from(tmp_path):
+    """As when mlx.launch is killed: the rank's stderr is a pipe whose reader is gone,
+    so the watcher's error line cannot be written; it still ends the rank (it used to
+    die of the broken pipe first, leaving the rank waiting in init for good)."""
+    cmd = " ".join(f"'{a}'" for a in run_args(120))
+    launcher = subprocess.run(["bash", "-c", f"{cmd} 2> >(sleep 1) & echo $!; sleep 1"],
+                              env=lone_rank_env(tmp_path), capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL, cwd=ROOT)
+    pid = int(launcher.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gone = not alive(pid)
+    if not gone:
+        os.kill(pid, 9)
+    assert gone, "the rank outlived its launcher and its stderr's reader by 14 s"
+
+
+def test_ctrl_c_ends_a_rank_waiting_for_its_neighbours(tmp_path):
+    """SIGINT to the process group (Ctrl-C in the terminal) while a rank waits in init:
+    the rank cannot act on it there, its watcher (in the same group) does, and says so."""
+    rank = subprocess.Popen(run_args(120), env=lone_rank_env(tmp_path), cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                "dist_runtime.init_watch" in " ".join(c.cmdline())
+                for c in psutil.Process(rank.pid).children()):
+            time.sleep(0.1)
+        time.sleep(0.5)  # the watcher has set its signal handlers
+        os.killpg(rank.pid, signal.SIGINT)
+        _, err = rank.communicate(timeout=15)
+    finally:
+        rank.kill()
+        rank.wait()
+    assert f"stopped by SIGINT while it waited {START}" in err, err
