@@ -111,6 +111,7 @@ class Coordinator:
         self.steps: dict = {}  # micro-batch id -> its last _Step sent
         self._local = deque()  # one rank: results queued at send time
         self._early = deque()  # results that came back during a stats exchange
+        self._compiling: set = set()  # micro-batches whose next step is their size's first
         # Per forward message in the ring, in send order: whether a result comes back for
         # it. A wait for a result lies behind every message sent before it.
         self._ahead = deque()
@@ -248,6 +249,8 @@ class Coordinator:
             if self.n > 1:
                 self.transport.send(1, Header(OP_GROUP, action.id),
                                     mx.array(action.rows, mx.int32))
+            if self.stage.first_of_size(len(action.rows)):
+                self._compiling.add(action.id)  # its result: the first-use deadline
         if not action.rows:
             self.steps.pop(action.id, None)
             return
@@ -378,8 +381,10 @@ class Coordinator:
                 self._take(id, *self._sample_result(id, header, h))
                 self._prepare_next()
 
-            header, _ = self.transport.recv(self.n - 1, self._deadline(self._answered()),
-                                            build=build)
+            compiling = id in self._compiling
+            self._compiling.discard(id)
+            header, _ = self.transport.recv(
+                self.n - 1, self._deadline(self._answered(), compiling), build=build)
             self._check_result(id, header)
         self.heard = time.monotonic()
 
@@ -479,12 +484,15 @@ class Coordinator:
                 break
         return max(n, 1)
 
-    def _deadline(self, messages: int) -> float:
+    def _deadline(self, messages: int, compiling: bool = False) -> float:
         """How long to wait for a message from the last rank that comes back behind
         `messages` forward messages: the transport's deadline (--timeout once warm) for
         each, as a long prompt's chunks queue at the slowest stage and only the last one
-        answers. A rank that dies is still seen at once (its socket closes)."""
-        return self.transport.deadline() * messages
+        answers; --first-timeout for the first step of a micro-batch of a new size (the
+        stages compile for it). A rank that dies is still seen at once (its socket
+        closes)."""
+        each = self.transport.first_timeout if compiling else self.transport.deadline()
+        return each * messages
 
     def stop(self, timeout: float = 30.0):
         """Tell every stage to exit and wait until the message has gone round the ring."""

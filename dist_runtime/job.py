@@ -35,7 +35,7 @@ from dist_runtime.partition import Plan
 from dist_runtime.metal import Wiring, wire_stage
 from dist_runtime.planning import fmt_bytes, make_plan, wired_limit
 from dist_runtime.ring_links import advice_at_start
-from dist_runtime.stage import Stage, stage_loop
+from dist_runtime.stage import Stage, stage_loop, test_delay
 from dist_runtime.transport import Transport
 
 
@@ -152,7 +152,7 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     t0 = time.perf_counter()
     error, loaded = None, None
     try:
-        _test_delay(rank)
+        test_delay("PIPELINE_TEST_LOAD_DELAY", rank)  # a slow disk
         loaded = opened.source.load(r, has_embed=rank == 0, has_head=rank == 0,
                                     log_prefix=f"[{me}] ")
     except Exception as e:  # the others learn it at the barrier, and name this rank
@@ -183,16 +183,6 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     micro_batches = args.micro_batches or distinct_devices(infos)
     return Job(group, infos, plan, stage, opened.source, opened, faults, transport, load_s,
                args.first_timeout, args.max_batch, micro_batches, wiring, liveness)
-
-
-def _test_delay(rank: int):
-    """Tests only: PIPELINE_TEST_LOAD_DELAY='r:s,...' makes rank r take s s more to load
-    (a slow disk), so that tests can act on a job while it loads."""
-    spec = os.environ.get("PIPELINE_TEST_LOAD_DELAY", "")
-    for part in filter(None, spec.split(",")):
-        r, _, seconds = part.partition(":")
-        if r.strip() == str(rank):
-            time.sleep(float(seconds))
 
 
 def report_stage(me: str, model, files: list, nbytes: int, load_s: float):

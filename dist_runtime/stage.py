@@ -14,6 +14,7 @@ it with a Transport.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -33,6 +34,7 @@ class Stage:
         self.batches: dict = {}  # micro-batch id -> (sequence ids, batch cache per layer)
         self.kept: dict = {}  # finished sequence id -> its caches, kept for prompt reuse
         self._busy_s = 0.0  # seconds spent computing (for the benchmark's busy fraction)
+        self._batch_sizes: set = set()  # row counts of the micro-batches formed so far
 
     @property
     def is_last(self) -> bool:
@@ -102,6 +104,17 @@ class Stage:
             self.caches.pop(s, None)  # moved into the batch
         self.batches[id] = (list(seqs), layers)
 
+    def first_of_size(self, rows: int) -> bool:
+        """Whether no micro-batch of `rows` rows was formed here before. Its first step
+        may compile kernels for the new shape (mlx's CUDA backend compiles them on first
+        use, tens of seconds for a new batch size on a fresh machine), so the waits on
+        that step get the first-use deadline (--first-timeout), not --timeout."""
+        new = rows not in self._batch_sizes
+        self._batch_sizes.add(rows)
+        if new and rows:
+            test_delay("PIPELINE_TEST_COMPILE_DELAY", self.index)
+        return new and rows > 0
+
     def keep(self, seq: int) -> int:
         """Keep finished sequence `seq`'s caches (its own, or a copy of its row of a
         micro-batch, which it is about to leave) for prompt reuse; returns its positions."""
@@ -170,10 +183,20 @@ class Stage:
         self.kept.pop(seq, None)
 
 
+def test_delay(variable: str, rank: int):
+    """Tests only: environment `variable`='r:s,...' makes rank r sleep s s here (a slow
+    load, a slow first compile), so that tests can act on a job meanwhile."""
+    for part in filter(None, os.environ.get(variable, "").split(",")):
+        r, _, seconds = part.partition(":")
+        if r.strip() == str(rank):
+            time.sleep(float(seconds))
+
+
 def stage_loop(stage: Stage, transport, first_timeout: float):
     """Ranks 1..N-1: receive, run, pass on, until the coordinator says stop.
 
-    The first wait uses `first_timeout` (rank 0 may still be loading or compiling). A
+    The first wait uses `first_timeout` (rank 0 may still be loading or compiling), and
+    so does the wait for the first step of a micro-batch of a new size (a compile). A
     lost, silent or failed rank upstream, or an ABORT, raises PeerLost in `recv`; the
     faults protocol has already told the ranks downstream which rank it was.
     """
@@ -200,7 +223,10 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
             transport.send(nxt, header, stage.add_stats(h))
             continue
         if header.op == OP_GROUP:
-            stage.group(header.seq, h.tolist() if h is not None else [])
+            rows = h.tolist() if h is not None else []
+            stage.group(header.seq, rows)
+            if stage.first_of_size(len(rows)):
+                timeout = first_timeout  # the step that follows compiles upstream
             if not stage.is_last:
                 transport.send(nxt, header, h if h is not None else mx.zeros((0,), mx.int32))
             continue

@@ -11,8 +11,8 @@ Every rank also watches every other one over the liveness channel
 (dist_runtime/liveness.py), so a rank that dies anywhere in the ring, or stops while the
 others load or prefill for a long time, is named by every rank within seconds, whatever
 --first-timeout and --load-timeout say. Jobs that must be caught while loading are
-slowed by PIPELINE_TEST_LOAD_DELAY (dist_runtime/job.py) and their ranks found by their
-'loading' lines.
+slowed by PIPELINE_TEST_LOAD_DELAY (dist_runtime/stage.py, test_delay) and their ranks
+found by their 'loading' lines.
 
 Measured on a 2-core VM: SIGKILL -> others gone in ~0.05 s; SIGSTOP -> ~7.0 s (--timeout
 5 + 2 s of confirmation); SIGINT on the coordinator -> ~0.05 s; SIGTERM -> ~1.05 s.
