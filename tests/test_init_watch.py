@@ -43,10 +43,12 @@ def test_a_rank_whose_neighbour_never_comes_ends_at_its_start_timeout(tmp_path):
     assert "[rank 1 (" in p.stderr and f"waited 3 s {START}" in p.stderr, p.stderr
 
 
-def test_a_rank_waiting_for_its_neighbours_ends_when_its_launcher_goes(tmp_path):
-    # The "launcher" starts the rank, says its pid, and exits a second later.
+def gone_after_its_launcher(tmp_path, stderr: str) -> bool:
+    """Start a lone rank from a "launcher" (bash) that says its pid and exits a second
+    later, the rank's stderr redirected by `stderr`; whether the rank is gone within
+    15 s (killed here otherwise)."""
     cmd = " ".join(f"'{a}'" for a in run_args(120))
-    launcher = subprocess.run(["bash", "-c", f"{cmd} 2>{tmp_path}/err & echo $!; sleep 1"],
+    launcher = subprocess.run(["bash", "-c", f"{cmd} {stderr} & echo $!; sleep 1"],
                               env=lone_rank_env(tmp_path), capture_output=True, text=True,
                               timeout=30, stdin=subprocess.DEVNULL, cwd=ROOT)
     pid = int(launcher.stdout.split()[0])
@@ -56,6 +58,11 @@ def test_a_rank_waiting_for_its_neighbours_ends_when_its_launcher_goes(tmp_path)
     gone = not alive(pid)
     if not gone:
         os.kill(pid, 9)
+    return gone
+
+
+def test_a_rank_waiting_for_its_neighbours_ends_when_its_launcher_goes(tmp_path):
+    gone = gone_after_its_launcher(tmp_path, f"2>{tmp_path}/err")
     err = (tmp_path / "err").read_text()
     assert gone, f"the rank outlived its launcher by 14 s:\n{err}"
     assert "its launcher is gone" in err and START in err, err
@@ -91,18 +98,8 @@ def test_a_rank_ends_when_its_launcher_goes_with_the_pipe_it_read_stderr_from(tm
     """As when mlx.launch is killed: the rank's stderr is a pipe whose reader is gone,
     so the watcher's error line cannot be written; it still ends the rank (it used to
     die of the broken pipe first, leaving the rank waiting in init for good)."""
-    cmd = " ".join(f"'{a}'" for a in run_args(120))
-    launcher = subprocess.run(["bash", "-c", f"{cmd} 2> >(sleep 1) & echo $!; sleep 1"],
-                              env=lone_rank_env(tmp_path), capture_output=True, text=True,
-                              timeout=30, stdin=subprocess.DEVNULL, cwd=ROOT)
-    pid = int(launcher.stdout.split()[0])
-    deadline = time.monotonic() + 15
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    gone = not alive(pid)
-    if not gone:
-        os.kill(pid, 9)
-    assert gone, "the rank outlived its launcher and its stderr's reader by 14 s"
+    assert gone_after_its_launcher(tmp_path, "2> >(sleep 1)"), \
+        "the rank outlived its launcher and its stderr's reader by 14 s"
 
 
 def test_ctrl_c_ends_a_rank_waiting_for_its_neighbours(tmp_path):
