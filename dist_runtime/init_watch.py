@@ -14,9 +14,9 @@ mlx.launch sends once another rank failed) is taken by the rank's signal thread,
 then waits for the GIL: such a rank ends at the deadline (--start-timeout), or when its
 launcher goes. It exits once the rank is through, or gone. The rank holds the write
 end of a pipe on the child's stdin, so the child sees the rank go (end of file) the
-moment it does, however it goes; a rank that
-exits on purpose meanwhile (a stop, dist_runtime/lifecycle.py) ends and reaps its
-watchers first (`stop_watchers`), so no watcher outlives its job.
+moment it does, however it goes; a rank that exits on purpose meanwhile (a stop,
+dist_runtime/lifecycle.py) ends and reaps its watchers first (`stop_watchers`), so no
+watcher outlives its job.
 
     python -m dist_runtime.init_watch PID PARENT_PID SECONDS ME   (started by `watched`)
 """
