@@ -15,8 +15,8 @@ then waits for the GIL: such a rank ends at the deadline (--start-timeout), or w
 launcher goes. It exits once the rank is through, or gone. The rank holds the write
 end of a pipe on the child's stdin, so the child sees the rank go (end of file) the
 moment it does, however it goes; a rank that exits on purpose meanwhile (a stop,
-dist_runtime/lifecycle.py) ends and reaps its watchers first (`stop_watchers`), so no
-watcher outlives its job.
+dist_runtime/lifecycle.py) ends and reaps its watchers first (`stop_watchers`, one of
+its Lifecycle's cleanups), so no watcher outlives its job.
 
     python -m dist_runtime.init_watch PID PARENT_PID SECONDS ME   (started by `watched`)
 """
@@ -33,8 +33,9 @@ from contextlib import contextmanager
 
 import psutil
 
+from dist_runtime.lifecycle import HANDLED
+
 POLL_S = 0.2
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _watchers: set = set()  # this rank's running watcher processes
 
 
@@ -60,8 +61,9 @@ def watched(me: str, seconds: float, waiting_for: str):
 
 
 def stop_watchers():
-    """End and reap this rank's watchers: called on the way to os._exit, which skips
-    the `finally` of a `watched` body still running in the main thread."""
+    """End and reap this rank's watchers: a Lifecycle cleanup (dist_runtime/job.py),
+    run on the way to os._exit, which skips the `finally` of a `watched` body still
+    running in the main thread."""
     for child in list(_watchers):
         _end(child)
 
@@ -79,9 +81,9 @@ def watch(pid: int, parent: int, seconds: float, me: str, waiting_for: str):
     terminal) reaches the rank too, which cannot act on it in init (its signal thread
     needs the GIL), so its watcher does."""
     stops: list = []
-    for sig in STOP_SIGNALS:
+    for sig in HANDLED:
         signal.signal(sig, lambda sig, _frame: stops.append(sig))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # the rank's mask is inherited
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # the rank's mask is inherited
     end = time.monotonic() + seconds
     while True:
         if select.select([sys.stdin], [], [], POLL_S)[0]:

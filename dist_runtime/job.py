@@ -29,6 +29,7 @@ from dist_runtime.cluster import distinct_devices, gather_infos, init_group
 from dist_runtime.coordinator import Coordinator
 from dist_runtime.faults import EXIT_PEER_LOST, Faults, Watchdog
 from dist_runtime.hostfiles import check_start_env
+from dist_runtime.init_watch import stop_watchers
 from dist_runtime.joining import join_job, named_culprit
 from dist_runtime.liveness import Liveness
 from dist_runtime.partition import Plan
@@ -120,6 +121,7 @@ def start_job(args, life, argv: Optional[list] = None, prompt: Optional[str] = N
     """
     check_start_env()
     watchdog = Watchdog(on_expire=lambda what: life.exit_with_error(what, EXIT_PEER_LOST))
+    life.cleanups.append(stop_watchers)  # an exit during init skips the watcher's end
     group = init_group(life.me, min(args.start_timeout, args.load_timeout))
     rank, n = group.rank(), group.size()
     # Now, while the ring's are the only connections this rank holds (the liveness

@@ -43,8 +43,6 @@ import time
 import weakref
 from typing import Callable, Optional
 
-from dist_runtime.init_watch import stop_watchers
-
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EXIT_SIGNAL_BASE = 128  # shell convention: killed by signal N exits 128 + N
 TERM_GRACE_S = 1.0  # s a rank given SIGTERM waits to learn which rank failed first
@@ -154,7 +152,6 @@ class Lifecycle:
                 step()
             except Exception as e:  # the exit must happen whatever the callbacks do
                 _say(f"[{self.me}] error while stopping: {e}")
-        stop_watchers()  # os._exit skips the `finally` that would end them
         for f in (sys.stdout, sys.stderr):
             try:
                 f.flush()
