@@ -17,8 +17,8 @@ turns: K kernels, a decode step's message to the other, K kernels there, back. T
 difference per round is the price of handing the GPU from one process to the other
 twice (two hops included), at that much work: the figure a two-ranks-on-one-GPU
 benchmark must subtract before it says what the pipeline itself costs. Then the same
-turns chained: each rank queues receive, kernels and send as one `mx.async_eval`
-before the data is there, and waits only for the round before (the chain a stage
+turns chained: each rank queues receive, kernels and send (`mx.async_eval`) before
+the data is there, and waits only for the round before (the chain a stage
 could queue; on CUDA the GPU's wait for a receive is a kernel that polls until the
 CPU stream signals it).
 """
