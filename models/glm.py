@@ -19,12 +19,12 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads,
-                   rope_settings, split_heads, swiglu)
+from .base import BaseConfig, ConfigError, PipelineMixin, rope_settings, swiglu
+from .gqa import GroupedHeads, PartialRopeAttention
 
 
 @dataclass
-class ModelArgs(BaseConfig):
+class ModelArgs(BaseConfig, GroupedHeads):
     """Fields of a GLM `config.json`."""
 
     model_type: str
@@ -52,42 +52,6 @@ class ModelArgs(BaseConfig):
             raise ConfigError(f"glm: rope type {kind!r} is not implemented; only plain RoPE "
                               f"(rope_type \"default\") is")
 
-    @property
-    def dim_per_head(self) -> int:
-        """Head width: `head_dim` when given, else hidden_size / heads."""
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    def kv_values_per_token(self) -> list:
-        """Per layer, the numbers one cached position holds (keys and values)."""
-        return [2 * self.num_key_value_heads * self.dim_per_head] * self.num_hidden_layers
-
-
-class Attention(nn.Module):
-    """GQA with q/k/v biases and partial interleaved RoPE."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        hd = args.dim_per_head
-        self.n_heads, self.n_kv = args.num_attention_heads, args.num_key_value_heads
-        self.scale = hd**-0.5
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * hd, bias=args.attention_bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * hd, bias=args.attention_bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * hd, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=False)
-        # nn.RoPE with dims < head width rotates the leading dims and passes the rest.
-        self.rope = nn.RoPE(int(hd * args.partial_rotary_factor), traditional=True,
-                            base=args.rope_theta)
-
-    def __call__(self, x: mx.array, mask, cache) -> mx.array:
-        """x [B, L, D] -> [B, L, D]."""
-        q = split_heads(self.q_proj(x), self.n_heads)  # [B, H, L, Dh]
-        k = split_heads(self.k_proj(x), self.n_kv)
-        v = split_heads(self.v_proj(x), self.n_kv)
-        q = self.rope(q, offset=cache.offset)
-        k = self.rope(k, offset=cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        return self.o_proj(merge_heads(attention(q, k, v, self.scale, mask)))
-
 
 class MLP(nn.Module):
     """SwiGLU with the gate and up projections fused: gate_up_proj -> [gate | up]."""
@@ -108,7 +72,8 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.self_attn = Attention(args)
+        # GQA with q/k/v biases and partial RoPE over adjacent pairs (module docstring).
+        self.self_attn = PartialRopeAttention(args, interleaved=True)
         self.mlp = MLP(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)

@@ -33,9 +33,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import (BaseConfig, ConfigError, PipelineMixin, attention, merge_heads,
-                   rope_settings, split_heads, swiglu)
+from .base import BaseConfig, ConfigError, PipelineMixin, rope_settings, swiglu
 from .experts import ExpertGLU
+from .gqa import GroupedHeads, PartialRopeAttention
 
 GROUP_SCORE_TOP = 2  # a group is scored by the sum of its best 2 biased expert scores
 NORM_EPS = 1e-20  # HF adds this to the weight sum before normalising (guards a zero sum)
@@ -48,7 +48,7 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass
-class ModelArgs(BaseConfig):
+class ModelArgs(BaseConfig, GroupedHeads):
     """Fields of a GLM-4.5 `config.json` (old top-level or transformers-5 `rope_parameters`)."""
 
     model_type: str
@@ -105,49 +105,6 @@ class ModelArgs(BaseConfig):
         if self.topk_group * (E // G) < self.num_experts_per_tok:
             raise ConfigError(f"glm4_moe: {self.topk_group} kept groups of {E // G} experts "
                               f"cannot supply num_experts_per_tok={self.num_experts_per_tok}")
-
-    @property
-    def dim_per_head(self) -> int:
-        """Head width: `head_dim` when given, else hidden_size / heads."""
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    def kv_values_per_token(self) -> list:
-        """Per layer, the numbers one cached position holds (keys and values)."""
-        return [2 * self.num_key_value_heads * self.dim_per_head] * self.num_hidden_layers
-
-
-class Attention(nn.Module):
-    """GQA with q/k/v biases, optional per-head q/k RMSNorm, partial half-split RoPE."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        hd = args.dim_per_head
-        self.n_heads, self.n_kv = args.num_attention_heads, args.num_key_value_heads
-        self.scale = hd**-0.5
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * hd, bias=args.attention_bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * hd, bias=args.attention_bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * hd, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=False)
-        self.use_qk_norm = args.use_qk_norm
-        if self.use_qk_norm:
-            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-        # dims < head width: the leading dims rotate (half-split, as HF's rotate_half), the
-        # rest pass through unchanged.
-        self.rope = nn.RoPE(int(hd * args.partial_rotary_factor), traditional=False,
-                            base=args.rope_theta)
-
-    def __call__(self, x: mx.array, mask, cache) -> mx.array:
-        """x [B, L, D] -> [B, L, D]."""
-        q = split_heads(self.q_proj(x), self.n_heads)  # [B, H, L, Dh]
-        k = split_heads(self.k_proj(x), self.n_kv)  # [B, Hkv, L, Dh]
-        v = split_heads(self.v_proj(x), self.n_kv)
-        if self.use_qk_norm:  # per head, before RoPE (as HF)
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = self.rope(q, offset=cache.offset)
-        k = self.rope(k, offset=cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        return self.o_proj(merge_heads(attention(q, k, v, self.scale, mask)))
 
 
 class MLP(nn.Module):
@@ -257,7 +214,8 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, args: ModelArgs, index: int):
         super().__init__()
-        self.self_attn = Attention(args)
+        # Half-split partial RoPE; GLM-4.5 (not Air) norms each head's q and k.
+        self.self_attn = PartialRopeAttention(args, interleaved=False, qk_norm=args.use_qk_norm)
         if index < args.first_k_dense_replace:
             self.mlp = MLP(args.hidden_size, args.intermediate_size)
         else:

@@ -46,6 +46,7 @@ from .base import (BaseConfig, ConfigError, PipelineMixin, attention, attention_
                    merge_heads, rope_settings, split_heads, swiglu)
 from .cache import ChunkedKVCache, KVCache
 from .experts import ExpertGLU
+from .gqa import GroupedHeads
 
 CHUNKED = "chunked_attention"  # HF's `layer_types` value for local layers
 DROPPED_PREFIXES = ("vision_model.", "multi_modal_projector.")  # image tower: not text
@@ -53,7 +54,7 @@ EXPERTS = ".feed_forward.experts."
 
 
 @dataclass
-class TextConfig(BaseConfig):
+class TextConfig(BaseConfig, GroupedHeads):
     """Fields of Llama 4's `text_config`; defaults are HF's (configuration_llama4.py)."""
 
     hidden_size: int
@@ -103,15 +104,6 @@ class TextConfig(BaseConfig):
         if any(self.is_chunked(i) for i in range(n)) and not self.attention_chunk_size:
             raise ConfigError("chunked attention layers need text_config.attention_chunk_size")
         rope_inv_freq(self.dim_per_head, *self.rope)  # refuse an unknown rope type now
-
-    @property
-    def dim_per_head(self) -> int:
-        """Head width: `head_dim` when given, else hidden_size / heads."""
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    def kv_values_per_token(self) -> list:
-        """Per layer, the numbers one cached position holds (keys and values)."""
-        return [2 * self.num_key_value_heads * self.dim_per_head] * self.num_hidden_layers
 
     @property
     def rope(self) -> tuple:
