@@ -238,6 +238,25 @@ def test_sigkill_rank_while_loading_every_rank_names_it(victim):
         print(f"SIGKILL rank {victim} while loading: exits after", exits)
 
 
+def stop_until_named(job, victim, others) -> dict:
+    """SIGSTOP `victim`: each of `others` exits within NAMED_S, saying the victim stopped
+    answering; the victim, resumed, ends too. Returns the others' exit latencies."""
+    try:
+        job.signal(victim, signal.SIGSTOP)
+        exits = job.wait_exits(others, NAMED_S + 5)
+        assert set(exits) == set(others), f"exited: {exits}\n{job.report()}"
+        assert max(exits.values()) <= NAMED_S, exits
+    finally:
+        job.signal(victim, signal.SIGCONT)
+    job.wait_exits([victim], 15)
+    job.wait(15)
+    host = host_of(job, victim)
+    for r in others:
+        assert any(f"rank {victim} ({host}) stopped answering" in e
+                   for e in job.errors.get(r, [])), f"rank {r}:\n{job.report()}"
+    return exits
+
+
 @pytest.mark.timeout(60)
 def test_sigstop_rank_while_others_load_named_within_seconds():
     """Rank 2 has loaded and waits for the others; it is stopped. The defaults wait 1800
@@ -246,19 +265,8 @@ def test_sigstop_rank_while_others_load_named_within_seconds():
     with LiveJob(3, [*THREE, "--load-timeout", "1800"], env=SLOW) as job:
         job.wait_loading()
         job.wait_for(lambda: 2 in job.said("stage"), 30, "rank 2's stage line")
-        try:
-            job.signal(2, signal.SIGSTOP)
-            exits = job.wait_exits([0, 1], NAMED_S + 5)
-            assert set(exits) == {0, 1}, f"exited: {exits}\n{job.report()}"
-            assert max(exits.values()) <= NAMED_S, exits
-        finally:
-            job.signal(2, signal.SIGCONT)
-        job.wait_exits([2], 15)
-        job.wait(15)
+        exits = stop_until_named(job, 2, [0, 1])
         host = host_of(job, 2)
-        for r in (0, 1):
-            assert any(f"rank 2 ({host}) stopped answering" in e
-                       for e in job.errors.get(r, [])), f"rank {r}:\n{job.report()}"
         slow = re.compile(rf"rank 1 \({host}\) (stopped|was lost)|connection to rank 1 ")
         assert not any(slow.search(e) for r in (0, 1, 2) for e in job.errors.get(r, [])), \
             f"the slow rank was named:\n{job.report()}"
@@ -273,19 +281,7 @@ def test_sigstop_rank_during_first_prefill_named_within_seconds():
     with LiveJob(3, [*THREE, *PREFILL]) as job:
         job.wait_stages()
         time.sleep(1.0)
-        try:
-            job.signal(1, signal.SIGSTOP)
-            exits = job.wait_exits([0, 2], NAMED_S + 5)
-            assert set(exits) == {0, 2}, f"exited: {exits}\n{job.report()}"
-            assert max(exits.values()) <= NAMED_S, exits
-        finally:
-            job.signal(1, signal.SIGCONT)
-        job.wait_exits([1], 15)
-        job.wait(15)
-        host = host_of(job, 1)
-        for r in (0, 2):
-            assert any(f"rank 1 ({host}) stopped answering" in e
-                       for e in job.errors.get(r, [])), f"rank {r}:\n{job.report()}"
+        exits = stop_until_named(job, 1, [0, 2])
         assert job.leftovers() == []
         print("SIGSTOP rank 1 in the first prefill: exits after", exits)
 
