@@ -20,6 +20,20 @@ import mlx.core as mx
 STEP_KEY_STRIDE = 1_000_003  # prime > any generation length: (seed, step) pairs never collide
 
 
+# Each field's range, checked by run.py's options and by the server's requests alike
+# (each names the field its own way: FLAGS here, the API's names in launch/serve.py).
+RANGES = (
+    ("temp", lambda v: v >= 0, ">= 0 (0 is greedy)"),
+    ("top_k", lambda v: v >= 0, ">= 0 (0 turns it off)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("min_p", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("repetition_penalty", lambda v: v > 0, "> 0 (1.0 turns it off)"),
+    ("repetition_window", lambda v: v >= 0, ">= 0 (0: no token is penalised)"),
+)
+FLAGS = {"temp": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+         "repetition_penalty": "--repetition-penalty"}
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens; temp == 0 means greedy (argmax)."""
@@ -32,22 +46,21 @@ class SamplingParams:
     repetition_window: int = 64  # how many recent tokens the penalty looks at
     seed: Optional[int] = None
 
+    def out_of_range(self) -> Optional[tuple]:
+        """(field, value, what it must be) of the first field out of its range, else
+        None. NaN is out of every range."""
+        for field, ok, what in RANGES:
+            value = getattr(self, field)
+            if not ok(value):
+                return field, value, what
+        return None
+
     def check(self):
-        """Raise ValueError naming the first out-of-range field (NaN is out of every range)."""
-        if not self.temp >= 0:
-            raise ValueError(f"--temp must be >= 0 (0 is greedy), got {self.temp}")
-        if self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"--min-p must be in [0, 1), got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"--repetition-penalty must be > 0 (1.0 turns it off), got "
-                             f"{self.repetition_penalty}")
-        if self.repetition_window < 0:
-            raise ValueError(f"repetition_window must be >= 0 (0: no token is penalised), "
-                             f"got {self.repetition_window}")
+        """Raise ValueError naming the first out-of-range field by its run.py flag."""
+        bad = self.out_of_range()
+        if bad is not None:
+            field, value, what = bad
+            raise ValueError(f"{FLAGS.get(field, field)} must be {what}, got {value}")
 
 
 def apply_repetition_penalty(logits: mx.array, recent: list, penalty: float) -> mx.array:

@@ -121,6 +121,11 @@ def _get(body: dict, name: str, kind: str, default=None):
     return v
 
 
+# SamplingParams' fields by the names a request gives them.
+API_NAMES = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+             "repetition_penalty": "repetition_penalty"}
+
+
 def _range(name: str, v, ok: bool, what: str):
     if not ok:
         raise ApiError(400, f"'{name}' must be {what}, got {v}", param=name, code="invalid_value")
@@ -149,15 +154,11 @@ class Settings:
         if self.max_tokens is not None:
             _range(name, self.max_tokens, self.max_tokens >= 1, "at least 1")
         temp = _get(body, "temperature", "number", 1.0)
-        _range("temperature", temp, 0 <= temp <= 2, "between 0 and 2")
+        _range("temperature", temp, temp <= 2, "at most 2 (OpenAI's range: 0 to 2)")
         top_p = _get(body, "top_p", "number", 1.0)
-        _range("top_p", top_p, 0 < top_p <= 1, "in (0, 1]")
         top_k = _get(body, "top_k", "integer", 0)
-        _range("top_k", top_k, top_k >= 0, "at least 0 (0: off)")
         min_p = _get(body, "min_p", "number", 0.0)
-        _range("min_p", min_p, 0 <= min_p < 1, "in [0, 1)")
         rep = _get(body, "repetition_penalty", "number", 1.0)
-        _range("repetition_penalty", rep, rep > 0, "above 0 (1: off)")
         seed = _get(body, "seed", "integer", None)
         for name in ("frequency_penalty", "presence_penalty"):
             v = _get(body, name, "number", 0.0)
@@ -166,6 +167,10 @@ class Settings:
             raise ApiError(400, "'logprobs' is not supported", param="logprobs",
                            code="unsupported")
         self.params = SamplingParams(temp, top_k, top_p, min_p, rep, seed=seed)
+        bad = self.params.out_of_range()  # the ranges run.py's options have
+        if bad is not None:
+            field, value, what = bad
+            _range(API_NAMES[field], value, False, what)
         stop = body.get("stop")
         if stop is None:
             stop = []

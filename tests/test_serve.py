@@ -171,6 +171,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         (dict(ok, messages=[{"role": "user", "content": "a\ud800"}]), 400, "invalid_value"),
         (dict(ok, stop=[1]), 400, "invalid_type"),
         (dict(ok, top_p=0), 400, "invalid_value"),
+        (dict(ok, min_p=1.0), 400, "invalid_value"),
+        (dict(ok, temperature=-0.5), 400, "invalid_value"),
+        (dict(ok, temperature=2.5), 400, "invalid_value"),
         (dict(ok, n=2), 400, "invalid_value"),
         (dict(ok, model="gpt-4"), 404, "model_not_found"),
         ({"messages": ok["messages"]}, 400, "missing_field"),
@@ -178,6 +181,10 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         got, err = server.http("POST", "/v1/chat/completions", body)
         assert got == status and err["error"]["code"] == code, (body, got, err)
         assert err["error"]["message"] and err["error"]["type"], err
+        if code == "invalid_value" and isinstance(body, dict):
+            # named as the request names it, never by run.py's flag or the field
+            param = err["error"]["param"]
+            assert param.split("[")[0] in body and f"'{param}'" in err["error"]["message"], err
     got, err = server.http("POST", "/v1/completions", {"model": MODEL, "prompt": {"a": 1}})
     assert got == 400 and "'prompt' must be" in err["error"]["message"], err
     got, err = server.http("GET", "/v1/nothing")
