@@ -137,11 +137,13 @@ def medians(rows: list) -> list:
 
 
 def ratios(summary: list) -> list:
-    """Lines comparing ours with mlx-lm at each point both measured (medians)."""
-    ref = {(r["prompt_len"], r["gen_len"], r["concurrency"]): r for r in summary
+    """Lines comparing ours with mlx-lm at each point both measured (medians); a point
+    where either side has only an error row (mlx-lm cannot batch Llama 4) has none."""
+    measured = [r for r in summary if "error" not in r]
+    ref = {(r["prompt_len"], r["gen_len"], r["concurrency"]): r for r in measured
            if r["impl"].startswith("mlx-lm")}
     lines = []
-    for r in summary:
+    for r in measured:
         other = ref.get((r["prompt_len"], r["gen_len"], r["concurrency"]))
         if r["impl"] == "pipeline" and other:
             lines.append(f"P={r['prompt_len']} G={r['gen_len']} C={r['concurrency']}: "
