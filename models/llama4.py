@@ -294,15 +294,21 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """x [B, L, D] -> [B, L, D]."""
-        logits = self.router(x)  # [B, L, E]
-        k = self.top_k
-        idx = mx.stop_gradient(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k])  # [B, L, k]
-        # HF scales the expert's *input* (not its output) by the sigmoid, computed in fp32.
-        gate = mx.sigmoid(mx.take_along_axis(logits, idx, axis=-1).astype(mx.float32))
-        xs = x[..., None, :] * gate.astype(x.dtype)[..., None]  # [B, L, k, D]
+        idx, xs = route_inputs(x, self.router(x), self.top_k)
         # Each (token, slot) pair is its own row with one expert: [B, L, k, 1] indices.
         routed = self.experts(xs, idx[..., None]).squeeze(-2).sum(axis=-2)  # [B, L, D]
         return routed + self.shared_expert(x)
+
+
+@mx.compile
+def route_inputs(x: mx.array, logits: mx.array, top_k: int) -> tuple:
+    """(expert indices [B, L, k], each expert's input [B, L, k, D]) from the router's
+    logits [B, L, E], as one compiled graph: at decode, a layer's selection is several
+    tiny kernels, and fused they cost a few launches (mlx retraces if shapes change).
+    HF scales the expert's *input* (not its output) by the sigmoid, computed in fp32."""
+    idx = mx.stop_gradient(mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k])
+    gate = mx.sigmoid(mx.take_along_axis(logits, idx, axis=-1).astype(mx.float32))
+    return idx, x[..., None, :] * gate.astype(x.dtype)[..., None]
 
 
 class DecoderLayer(nn.Module):
