@@ -21,7 +21,7 @@ STEP_KEY_STRIDE = 1_000_003  # prime > any generation length: (seed, step) pairs
 
 
 # Each field's range, checked by run.py's options and by the server's requests alike
-# (each names the field its own way: FLAGS here, the API's names in launch/serve.py).
+# (each names the field its own way: FLAGS here, API_NAMES in launch/api_requests.py).
 RANGES = (
     ("temp", lambda v: v >= 0, ">= 0 (0 is greedy)"),
     ("top_k", lambda v: v >= 0, ">= 0 (0 turns it off)"),
