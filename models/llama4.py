@@ -390,7 +390,14 @@ class Model(nn.Module, PipelineMixin):
         n = h.shape[1]
         if not self.text.is_chunked(index) or getattr(cache, "batched", False):
             return layer(h, attention_mask(n, cache), cache)  # a batch masks its own chunks
-        mask = chunked_mask(n, cache.offset, cache.start, self.text.attention_chunk_size)
+        chunk = self.text.attention_chunk_size
+        first = (cache.offset // chunk) * chunk  # where the first query's chunk starts
+        if cache.start >= first and (cache.offset + n - 1) // chunk * chunk == first:
+            # Every kept key and every query in one chunk: plain causal attention, with no
+            # mask to build (at decode, a handful of kernels on three layers of four).
+            mask = attention_mask(n, cache)
+        else:
+            mask = chunked_mask(n, cache.offset, cache.start, chunk)
         h = layer(h, mask, cache)
         cache.trim()  # the next query's chunk never needs the keys before it
         return h

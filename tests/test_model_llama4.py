@@ -177,6 +177,30 @@ class KeepAll(ChunkedKVCache):
         pass
 
 
+def test_decode_builds_a_chunk_mask_only_where_keys_leave_the_chunk(monkeypatch):
+    # With the cache trimmed to the current chunk, one query sees every kept key, so a
+    # decode step needs no mask (a handful of kernels saved on each chunked layer); a
+    # cache that kept earlier chunks needs one. Same logits either way.
+    built = []
+    real = mod.chunked_mask
+    monkeypatch.setattr(mod, "chunked_mask", lambda *a: built.append(a[:3]) or real(*a))
+    cfg = config()
+    model = build(cfg)
+    toks = mx.array(prompt_tokens(cfg["text_config"]["vocab_size"], N_TOKENS))
+    ours = model.make_caches()
+    ref = [KeepAll(c.chunk_size) if isinstance(c, ChunkedKVCache) else c.__class__()
+           for c in ours]
+    model(toks[:, :PREFILL], ours), model(toks[:, :PREFILL], ref)
+    for pos in range(PREFILL, N_TOKENS):  # crosses the chunk boundary at 32
+        step = toks[:, pos:pos + 1]
+        built.clear()
+        a = model(step, ours)
+        assert built == [], f"a mask was built at position {pos}: {built}"
+        b = model(step, ref)
+        assert np.abs(np.array(a) - np.array(b)).max() <= TOL
+        assert len(built) == 5 and all(n == 1 and start == 0 for n, _, start in built), built
+
+
 def test_chunked_cache_holds_only_the_current_chunk(monkeypatch):
     # Buffers grown by exactly what is appended, so a cache's bytes are the positions it
     # keeps: a cache that kept the previous chunk (or any key before the current chunk's
