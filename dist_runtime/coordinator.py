@@ -245,11 +245,10 @@ class Coordinator:
             for r in (last.rows if last is not None else []):
                 if r not in action.rows and self._keepable(r):
                     self._keep(r)  # before the regroup drops its row
-            self.stage.group(action.id, action.rows)
             if self.n > 1:
                 self.transport.send(1, Header(OP_GROUP, action.id),
                                     mx.array(action.rows, mx.int32))
-            if self.stage.first_of_size(len(action.rows)):
+            if self.stage.group(action.id, action.rows):
                 self._compiling.add(action.id)  # its result: the first-use deadline
         if not action.rows:
             self.steps.pop(action.id, None)

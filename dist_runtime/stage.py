@@ -73,11 +73,25 @@ class Stage:
         mx.eval(out)
         self._busy_s += time.perf_counter() - t0
 
-    def group(self, id: int, seqs: list):
+    def group(self, id: int, seqs: list) -> bool:
         """Micro-batch `id` now holds rows `seqs`, in order: rows it held keep their
         caches, new rows bring their sequence's own, rows not listed are dropped. No rows
         dissolves it. A batch of one row decodes with that sequence's own caches, as it
-        would alone: a batch cache buys nothing for one row."""
+        would alone: a batch cache buys nothing for one row.
+
+        Returns whether no micro-batch of this many rows was formed here before: its
+        first step may compile kernels for the new shape (mlx's CUDA backend compiles on
+        first use, tens of seconds for a new batch size on a fresh machine), so the
+        waits on that step get the first-use deadline (--first-timeout), not --timeout."""
+        self._regroup(id, seqs)
+        new = len(seqs) not in self._batch_sizes
+        self._batch_sizes.add(len(seqs))
+        if new and seqs:
+            test_delay("PIPELINE_TEST_COMPILE_DELAY", self.index)
+        return new and len(seqs) > 0
+
+    def _regroup(self, id: int, seqs: list):
+        """`group`'s caches: re-pack micro-batch `id` for rows `seqs`."""
         old_seqs, old_caches = self.batches.pop(id, ([], []))
         if not seqs:
             return
@@ -103,17 +117,6 @@ class Stage:
         for s in seqs:
             self.caches.pop(s, None)  # moved into the batch
         self.batches[id] = (list(seqs), layers)
-
-    def first_of_size(self, rows: int) -> bool:
-        """Whether no micro-batch of `rows` rows was formed here before. Its first step
-        may compile kernels for the new shape (mlx's CUDA backend compiles them on first
-        use, tens of seconds for a new batch size on a fresh machine), so the waits on
-        that step get the first-use deadline (--first-timeout), not --timeout."""
-        new = rows not in self._batch_sizes
-        self._batch_sizes.add(rows)
-        if new and rows:
-            test_delay("PIPELINE_TEST_COMPILE_DELAY", self.index)
-        return new and rows > 0
 
     def keep(self, seq: int) -> int:
         """Keep finished sequence `seq`'s caches (its own, or a copy of its row of a
@@ -223,9 +226,7 @@ def stage_loop(stage: Stage, transport, first_timeout: float):
             transport.send(nxt, header, stage.add_stats(h))
             continue
         if header.op == OP_GROUP:
-            rows = h.tolist() if h is not None else []
-            stage.group(header.seq, rows)
-            if stage.first_of_size(len(rows)):
+            if stage.group(header.seq, h.tolist() if h is not None else []):
                 timeout = first_timeout  # the step that follows compiles upstream
             if not stage.is_last:
                 transport.send(nxt, header, h if h is not None else mx.zeros((0,), mx.int32))
