@@ -17,10 +17,11 @@ turns: K kernels, a decode step's message to the other, K kernels there, back. T
 difference per round is the price of handing the GPU from one process to the other
 twice (two hops included), at that much work: the figure a two-ranks-on-one-GPU
 benchmark must subtract before it says what the pipeline itself costs. Then the same
-turns chained: each rank queues receive, kernels and send (`mx.async_eval`) before
-the data is there, and waits only for the round before (the chain a stage
-could queue; on CUDA the GPU's wait for a receive is a kernel that polls until the
-CPU stream signals it).
+turns chained: each rank queues receive, kernels and send (`mx.async_eval`) and waits
+only for the round before. On mlx's CUDA backend the async_eval of kernels whose
+receive is still pending returns only once it has arrived (launch/queue_probe.py), so
+there a round is not queued ahead of its data; what chaining saves is the host's waits
+between a rank's kernels, its send and its next receive.
 """
 
 import argparse
