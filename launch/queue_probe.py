@@ -27,10 +27,11 @@ def cpu_chain(seconds: float) -> tuple:
     t = time.perf_counter()
     mx.eval(mx.matmul(a, a, stream=mx.cpu))
     one = max(time.perf_counter() - t, 1e-3)
+    n = max(1, int(seconds / one))
     x = a
-    for _ in range(max(1, int(seconds / one))):
+    for _ in range(n):
         x = mx.matmul(x, a, stream=mx.cpu) * (1.0 / SIDE)
-    return x, max(1, int(seconds / one)) * one
+    return x, n * one
 
 
 def probe(seconds: float) -> dict:
