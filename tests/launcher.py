@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # lines can run together.
 RANK_LINE = re.compile(r"\[rank (\d+) \(([^)]*)\)\] (stage|finished|error):? ?(.*?)"
                        r"(?=\[rank \d+ \(|\n|$)")
-PORT_RANGE = (20000, 60000)  # ring ports: a random block per job, so jobs never share them
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
@@ -53,11 +53,51 @@ def hostfile_tool(*args, timeout: float = 60, env=None) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+PORT_BLOCK = 16  # ports a job may use from its first: one per rank, and tests' offsets
+_handed_out: set = set()  # blocks given to this test process's jobs so far
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux reads it from
+    /proc; 32768 is its default and lies above macOS's range's start, 49152)."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    # No SO_REUSEADDR: a port still held in TIME_WAIT counts as taken, as it does for
+    # a listener that does not set it either.
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_block() -> int:
+    """The first of PORT_BLOCK free ports for one job's ring (and liveness channel).
+
+    Drawn below the kernel's ephemeral range: every connection any program opens takes a
+    random port from that range, so a block drawn inside it is sometimes held already
+    (bind error 98), which made CI fail. Each port is also tried, and a block is never
+    handed out twice in one test run."""
+    top = _ephemeral_floor() - PORT_BLOCK
+    for _ in range(200):
+        first = random.randrange(10000, top, PORT_BLOCK)
+        if first not in _handed_out and all(map(_bindable, range(first, first + PORT_BLOCK))):
+            _handed_out.add(first)
+            return first
+    raise RuntimeError(f"no {PORT_BLOCK} free ports in a row between 10000 and {top}")
+
+
 def launch_cmd(n: int, script, backend: str = "ring") -> list:
     """mlx.launch's command line for n local ranks of `script`, on ports of its own."""
     hostfile = ROOT / "hostfiles" / (f"localhost-mpi-{n}.json" if backend == "mpi"
                                      else f"localhost-{n}.json")
-    port = random.randrange(*PORT_RANGE, 16)
+    port = free_port_block()
     return ["mlx.launch", "--hostfile", str(hostfile), "--starting-port", str(port), str(script)]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -24,7 +23,7 @@ import uuid
 
 import psutil
 
-from tests.launcher import ROOT
+from tests.launcher import ROOT, free_port_block
 
 # A rank's line, wherever it starts (mlx.launch may put its own text before it), up to the
 # end of the line or the next rank's line run into it.
@@ -61,7 +60,7 @@ class LiveJob:
         else:
             hf = hostfile or ROOT / "hostfiles" / f"localhost-{n}.json"
             # Ports of its own: jobs run by other tests at the same time must not join it.
-            port = random.Random(self.marker).randrange(20000, 60000, 16)
+            port = free_port_block()
             launcher = [sys.executable, str(ROOT / "launch/start.py")] if start \
                 else ["mlx.launch"]
             cmd = [*launcher, "--hostfile", str(hf), "--starting-port", str(port), script,

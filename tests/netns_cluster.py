@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests import netns_ssh
+from tests.launcher import free_port_block
 from tests.netns_cleanup import CMD_S, RUNS, run, stop, sweep_stale, teardown
 from tests.netns_profiles import Profile, profile as find_profile
 
@@ -349,7 +350,7 @@ class Cluster:
         quantiles of `count` round trips of `size` bytes, and the bandwidth of one
         `bulk_mb` MB transfer (tests/netns_probe.py on both ends)."""
         j = (i + 1) % self.n
-        port = random.randrange(20000, 60000)
+        port = free_port_block()
         server = self.popen(j, [sys.executable, str(PROBE), "serve", self.hosts[j].address,
                                 str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)

@@ -20,7 +20,6 @@ Measured on a 2-core VM: SIGKILL -> others gone in ~0.05 s; SIGSTOP -> ~7.0 s (-
 
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -31,7 +30,7 @@ import time
 import pytest
 
 from dist_runtime.faults import CONFIRM_S, EXIT_PEER_LOST
-from tests.launcher import ROOT
+from tests.launcher import ROOT, free_port_block
 from tests.live import LiveJob, alive
 
 TIMEOUT = 5  # --timeout: short, so a silent rank is named within seconds
@@ -295,7 +294,7 @@ def test_ranks_of_two_jobs_on_the_same_ports_say_so(tmp_path):
     jobs started on the same ports join each other's rings; which ranks mix is up to
     the sockets, so the mix is made here by hand: job ids as launch/start.py gives them)."""
     for _attempt in range(3):  # a port another program holds (error 98): other ports
-        port = random.randrange(20000, 60000, 16)
+        port = free_port_block()
         procs, outs = start_by_hand(tmp_path, port, ["aaaa", "aaaa", "bbbb"])
         if not any("(error: 98)" in err for _out, err in outs):
             break

@@ -23,7 +23,7 @@ from dist_runtime.hostfiles import Problem
 from dist_runtime.ring_links import (ENV_NAME, advice_at_start, compact, env_entry, hop_table,
                                      link_problems, survey)
 from launch.ring_check import saved_links_problems
-from tests.launcher import PORT_RANGE, ROOT, hostfile_tool
+from tests.launcher import ROOT, free_port_block, hostfile_tool
 from tests.test_link_plan import macs, model
 
 TOKEN = "t" * links.TOKEN_BYTES
@@ -212,7 +212,7 @@ def test_check_measures_saves_and_mlx_launch_accepts_the_file(tmp_path):
     # A job started by mlx.launch with that file sees the links in its environment.
     script = tmp_path / "show.py"
     script.write_text(f"import os; print(os.environ.get({ENV_NAME!r}))\n")
-    port = __import__("random").randrange(*PORT_RANGE, 16)
+    port = free_port_block()
     p = subprocess.run(["mlx.launch", "--hostfile", str(hf), "--starting-port", str(port),
                         sys.executable, str(script)], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
@@ -232,7 +232,7 @@ def test_the_job_warns_when_recorded_links_make_fewer_hosts_faster(tmp_path):
     data = json.loads((ROOT / "hostfiles/localhost-2.json").read_text())
     data["envs"] = [env_entry(slow)]
     hf.write_text(json.dumps(data))
-    port = __import__("random").randrange(*PORT_RANGE, 16)
+    port = free_port_block()
     p = subprocess.run(["mlx.launch", "--hostfile", str(hf), "--starting-port", str(port),
                         "launch/run.py", "--model", "glm4_moe", "--synthetic", "tiny",
                         "--prompt", "hi", "--max-tokens", "2", "--json"],

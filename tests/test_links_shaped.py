@@ -9,12 +9,11 @@ gives the same advice. Skipped with the harness's reason where namespaces cannot
 """
 
 import json
-import random
 import subprocess
 
 import pytest
 
-from tests.launcher import PORT_RANGE, ROOT, hostfile_tool
+from tests.launcher import ROOT, free_port_block, hostfile_tool
 from tests.test_netns_cluster import cluster
 from tests.netns_profiles import PROFILES
 
@@ -65,7 +64,7 @@ def test_wifi_links_are_measured_warned_about_and_fewer_hosts_advised():
         assert f"--hosts {c.hosts[0].ssh} --ips {c.hosts[0].address}" in advice[0]
         assert "saved 4 link(s)" in err
         # The saved links travel with the hostfile to every rank: rank 0 advises too.
-        port = random.randrange(*PORT_RANGE, 16)
+        port = free_port_block()
         job = subprocess.run([*c.launch_cmd(port, "launch/run.py"), "--model", "glm4_moe",
                               "--synthetic", "tiny", "--prompt", "hi", "--max-tokens", "1"],
                              capture_output=True, text=True, timeout=180, cwd=ROOT, env=c.env)

@@ -13,7 +13,6 @@ OpenSSH's sshd is missing and cannot be installed.
 """
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 from dist_runtime.faults import CONFIRM_S, EXIT_PEER_LOST
-from tests.launcher import ROOT, Job, launch
+from tests.launcher import ROOT, Job, free_port_block, launch
 from tests.live import LiveJob, alive
 from tests import netns_cluster, netns_ssh
 from tests.netns_cluster import Cluster, unavailable_reason
@@ -60,7 +59,7 @@ def run_across(c: Cluster, args: list, tmp_path) -> Job:
     where the ranks' chunks can split each other's lines: the rank lines are looked for
     anywhere in both streams, and rank 0's summary is read from --json-out (the hosts
     share this machine's files)."""
-    port = random.randrange(20000, 60000, 16)
+    port = free_port_block()
     out = tmp_path / f"summary-{port}.json"
     p = subprocess.run(c.launch_cmd(port, ROOT / "launch/run.py", *args, "--json-out", out),
                        env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=JOB_S,
