@@ -135,7 +135,9 @@ def init_group(me: str = "", timeout: Optional[float] = None):
                     f"and that no firewall blocks the ports")
         if "error: 98)" in str(e) or "error: 48)" in str(e):  # EADDRINUSE (Linux, macOS)
             hint += ("; error 98/48 means the port is in use: another job (or its liveness "
-                     "channel) may hold it: start this one with --starting-port PORT")
+                     "channel) may hold it, or an outgoing connection if the port lies in the "
+                     "system's ephemeral range (Linux from 32768, macOS from 49152): start "
+                     "this one with a --starting-port PORT below that range that no job uses")
         raise StartError(f"could not join the group: {e}{hint}") from e
 
 

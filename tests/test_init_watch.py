@@ -3,30 +3,32 @@
 mlx holds the GIL in that wait, so the rank's own threads cannot act; the child watcher
 (dist_runtime/init_watch.py) does. Real processes: one rank of a two-rank ring started
 alone (its neighbour never comes), against --start-timeout, and against its launcher
-going away (its parent exits).
+going away (its parent exits). A rank whose ring port another program holds ends at
+once, saying what to do.
 """
 
 import os
-import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import psutil
 
-from tests.launcher import ROOT
+from tests.launcher import ROOT, free_port_block
 from tests.live import alive
 
 START = "for every rank to start and connect"
 
 
-def lone_rank_env(tmp_path) -> dict:
-    """Rank 1 of a two-rank ring on this host whose rank 0 never starts."""
-    port = random.randrange(20000, 60000, 16)
+def lone_rank_env(tmp_path, port: int = 0, rank: int = 1) -> dict:
+    """Rank `rank` of a two-rank ring on this host (on `port` and the next, or free
+    ones) whose other rank never starts."""
+    port = port or free_port_block()
     hostfile = tmp_path / "ring.json"
     hostfile.write_text(f'[["127.0.0.1:{port}"], ["127.0.0.1:{port + 1}"]]')
-    return dict(os.environ, MLX_RANK="1", MLX_HOSTFILE=str(hostfile))
+    return dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
 
 
 def run_args(start_timeout: int) -> list:
@@ -41,6 +43,20 @@ def test_a_rank_whose_neighbour_never_comes_ends_at_its_start_timeout(tmp_path):
     assert p.returncode != 0
     assert time.monotonic() - t0 < 20, p.stderr
     assert "[rank 1 (" in p.stderr and f"waited 3 s {START}" in p.stderr, p.stderr
+
+
+def test_a_rank_whose_ring_port_is_held_says_so_and_how_to_pick_another(tmp_path):
+    port = free_port_block()
+    env = lone_rank_env(tmp_path, port, rank=0)  # in mlx's ring rank 0 binds, 1 connects
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))  # rank 0's ring port
+        holder.listen()
+        p = subprocess.run(run_args(30), env=env, capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL, cwd=ROOT)
+    assert p.returncode == 2, p.stderr
+    assert "[rank 0 (" in p.stderr and "Couldn't bind socket (error: 98)" in p.stderr
+    assert "error 98/48 means the port is in use" in p.stderr, p.stderr
+    assert "start this one with a --starting-port PORT below that range" in p.stderr
 
 
 def gone_after_its_launcher(tmp_path, stderr: str) -> bool:
