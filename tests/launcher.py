@@ -58,10 +58,10 @@ _handed_out: set = set()  # blocks given to this test process's jobs so far
 
 
 def _ephemeral_floor() -> int:
-    """The lowest port the kernel hands to outgoing connections (Linux reads it from
-    /proc; 32768 is its default and lies above macOS's range's start, 49152)."""
+    """The lowest port the kernel hands to outgoing connections: Linux's from /proc,
+    else 32768 (Linux's default, and below macOS's range, which starts at 49152)."""
     try:
-        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
 
@@ -84,7 +84,9 @@ def free_port_block() -> int:
     random port from that range, so a block drawn inside it is sometimes held already
     (bind error 98), which made CI fail. Each port is also tried, and a block is never
     handed out twice in one test run."""
-    top = _ephemeral_floor() - PORT_BLOCK
+    # A kernel whose range starts low leaves few ports below it: then draw from a
+    # thousand blocks anyway, relying on the bind test alone.
+    top = max(_ephemeral_floor(), 10000 + 1000 * PORT_BLOCK) - PORT_BLOCK
     for _ in range(200):
         first = random.randrange(10000, top, PORT_BLOCK)
         if first not in _handed_out and all(map(_bindable, range(first, first + PORT_BLOCK))):
