@@ -84,11 +84,11 @@ class Stage:
         first use, tens of seconds for a new batch size on a fresh machine), so the
         waits on that step get the first-use deadline (--first-timeout), not --timeout."""
         self._regroup(id, seqs)
-        new = len(seqs) not in self._batch_sizes
+        if not seqs or len(seqs) in self._batch_sizes:
+            return False
         self._batch_sizes.add(len(seqs))
-        if new and seqs:
-            test_delay("PIPELINE_TEST_COMPILE_DELAY", self.index)
-        return new and len(seqs) > 0
+        test_delay("PIPELINE_TEST_COMPILE_DELAY", self.index)
+        return True
 
     def _regroup(self, id: int, seqs: list):
         """`group`'s caches: re-pack micro-batch `id` for rows `seqs`."""
