@@ -392,7 +392,7 @@ class Model(nn.Module, PipelineMixin):
             return layer(h, attention_mask(n, cache), cache)  # a batch masks its own chunks
         chunk = self.text.attention_chunk_size
         first = (cache.offset // chunk) * chunk  # where the first query's chunk starts
-        if cache.start >= first and (cache.offset + n - 1) // chunk * chunk == first:
+        if cache.start >= first and cache.offset + n <= first + chunk:
             # Every kept key and every query in one chunk: plain causal attention, with no
             # mask to build (at decode, a handful of kernels on three layers of four).
             mask = attention_mask(n, cache)
