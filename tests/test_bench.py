@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.launcher import ROOT
+
 BENCH = ROOT / "launch" / "bench.py"
 TIMEOUT = 240  # s for one bench process on the 2-core VM
 
